@@ -1,0 +1,22 @@
+# `make test` is the project's test command (README, .ci/run): it builds .venv from setup.py
+# with the test and parity extras, then runs the whole suite on CPU.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test install clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[test,parity]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# pytest exits 5 when it collects no test; make treats any non-zero exit as failure.
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

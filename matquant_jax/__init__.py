@@ -1,0 +1,1 @@
+"""matquant_jax."""

@@ -1,0 +1,43 @@
+"""matquant_jax: Matryoshka Quantization (Nair et al., ICML 2025) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Exact pins: these are the versions the project is tested with (CPU CI and the
+# jax 0.11.x CUDA image both run the same code).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "chex==0.1.92",
+    "ml-collections==1.1.0",
+    "absl-py",
+    "sentencepiece==0.2.3",
+    "tensorflow-datasets==4.9.10",
+    # TFDS 4.9.10 needs it to build datasets but does not declare it.
+    "importlib_resources",
+    "grain==0.2.18",
+    "numpy",
+    "safetensors",
+    "matplotlib",
+    "tensorboardX",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest"],
+    # Always this torch pin: a bare `torch` pulls a multi-GB CUDA build.
+    "parity": ["torch==2.13.0", "transformers==5.23.0"],
+}
+
+setup(
+    name="matquant_jax",
+    version="0.1.0",
+    description="Matryoshka Quantization (MatQuant) for JAX/Flax: one int8 model, nested int4/int2.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["matquant_jax", "matquant_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
