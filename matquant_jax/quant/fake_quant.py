@@ -6,8 +6,9 @@ Forward (exactly the integer pipeline, in float32):
     ŵ  = α·(qs − z)
 
 Backward (STE): both roundings pass the gradient unchanged; each clamp passes it only where its
-argument lies inside the clamp's range (boundaries included) and blocks it outside. With
-u = w/α + z and m = [0 <= u <= 2^c − 1] · [⌊u⌉/2^(c−r) <= 2^r − 1 (always true with extra precision)],
+rounded argument lies inside the clamp's range (boundaries included) and blocks it outside. With
+u = w/α + z and m = [0 <= ⌊u⌉ <= 2^c − 1] · [⌊⌊u⌉/2^(c−r)⌉ <= 2^r − 1 (always true with extra
+precision)],
 the surrogate is ŵ ≈ α·(m·u + (1 − m)·qs − z), so
 
     ∂ŵ/∂w = m                                   (1 inside the grid, 0 for clipped weights)
@@ -44,7 +45,10 @@ def _forward(w, alpha, zero, bits, parent_bits, extra_precision):
 
 
 def _in_range(u, q, bits, parent_bits, extra_precision):
-  m = (u >= 0) & (u <= 2**parent_bits - 1)
+  # The clamps act on rounded values, so the mask tests ⌊u⌉, not u: a channel's max sits at
+  # u = 2^c − 1 + ε after float error and must keep its gradient.
+  ru = minmax.round_half_up(u)
+  m = (ru >= 0) & (ru <= 2**parent_bits - 1)
   if not extra_precision and bits < parent_bits:
     idx = jnp.floor(q / float(2 ** (parent_bits - bits)) + 0.5)
     m = m & (idx <= 2**bits - 1)

@@ -35,8 +35,10 @@ def normalize_axes(axes: int | Sequence[int], ndim: int, name: str = "reduce_axe
   if isinstance(axes, int):
     axes = (axes,)
   try:
+    if isinstance(axes, str):
+      raise TypeError
     axes = tuple(int(a) for a in axes)
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
     raise ValueError(f"{name} must be an int or a sequence of ints, got {axes!r}.") from e
   if not axes:
     raise ValueError(
