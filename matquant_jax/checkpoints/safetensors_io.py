@@ -18,14 +18,12 @@ HF names <-> our tree (and HF config.json <-> TransformerConfig) live in
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-import functools
 import json
 import math
 import os
 import pathlib
 from typing import Any, NamedTuple
 
-import jax
 import ml_dtypes
 import numpy as np
 import safetensors
@@ -142,7 +140,7 @@ def read_tensors(
       for name in names:
         try:
           arr = handle.get_tensor(name)
-        except (TypeError, ValueError, KeyError):
+        except (TypeError, ValueError):
           if infos[name].dtype != np.dtype(ml_dtypes.bfloat16):
             raise
           arr = _read_raw(infos[name])
@@ -257,26 +255,9 @@ def _index_weight_map(path: pathlib.Path) -> dict[str, str] | None:
   return json.loads(index.read_text())["weight_map"] if index.is_file() else None
 
 
-def _abstract_params(config: TransformerConfig, dtype=np.float32):
-  return _common.unflatten_tree({
-      n: jax.ShapeDtypeStruct(s, dtype) for n, s in _common.expected_param_shapes(config).items()})
-
-
 def expected_hf_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
   """HF tensor name -> shape for `config`, without any weight data (tied: no lm_head)."""
-  mapping = _hf_mapping()
-  if hasattr(mapping, "hf_shapes"):
-    return {n: tuple(s) for n, s in mapping.hf_shapes(config).items()}
-  # Derive it from the writer instead; zero-stride broadcast arrays have the right shapes and
-  # cost no memory for the transposes, reshapes and slices the mapping does.
-  fn = functools.partial(mapping.hf_state_dict_from_params, config)
-  try:
-    out = jax.eval_shape(fn, _abstract_params(config))
-  except Exception:  # pylint: disable=broad-except
-    zeros = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), np.float32), s.shape),
-                         _abstract_params(config))
-    out = fn(zeros)
-  return {n: tuple(np.shape(v)) for n, v in out.items()}
+  return {n: tuple(s) for n, s in _hf_mapping().hf_shapes(config).items()}
 
 
 def _matching_preset(config: TransformerConfig) -> TransformerConfig:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors
 
 from matquant_jax.checkpoints import CheckpointMismatchError
+from matquant_jax.checkpoints import _common
 from matquant_jax.checkpoints import safetensors_io
 from matquant_jax.checkpoints.safetensors_io import load_hf_checkpoint
 from matquant_jax.checkpoints.safetensors_io import save_hf_checkpoint
@@ -121,12 +124,10 @@ def test_round_trip(tmp_path, helpers, name, shard, dtype):
 
 
 def _flat(tree):
-  from matquant_jax.checkpoints import _common  # pylint: disable=g-import-not-at-top
   return _common.flatten_tree(tree)
 
 
 def _cast_tree(tree, dtype):
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda x: np.asarray(x).astype(dtype), tree)
 
 
@@ -253,3 +254,10 @@ def test_save_checks_the_tree(tmp_path, helpers):
   with pytest.raises(CheckpointMismatchError, match="layer_1/mlp/linear/w"):
     save_hf_checkpoint(tmp_path, config, params)
   assert not (tmp_path / "config.json").exists()
+
+
+def test_save_accepts_jax_arrays(tmp_path, helpers):
+  config = get_config("tiny_gemma2")
+  params = helpers.random_params(config)
+  save_hf_checkpoint(tmp_path, config, jax.tree.map(jnp.asarray, params), dtype="float32")
+  helpers.assert_trees_equal(load_hf_checkpoint(tmp_path)[1], params, rows=config.vocab_size)
