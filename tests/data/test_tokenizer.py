@@ -14,17 +14,13 @@ import sentencepiece as spm
 from matquant_jax.data import Tokenizer
 from matquant_jax.data import train_tokenizer
 
-CORPUS = pathlib.Path("/work/shared/data/kjv.txt.gz")
-_FALLBACK = ["In the beginning God created the heaven and the earth.",
-             "And the earth was without form, and void; and darkness was upon the deep.",
-             "And God said, Let there be light: and there was light 1234567890."] * 200
+# The corpus bundled with the repository (data/README.md).
+CORPUS = pathlib.Path(__file__).resolve().parents[2] / "data" / "kjv.txt.gz"
 
 
 @pytest.fixture(scope="module")
 def lines():
-  """A few thousand lines of the bundled corpus (a fixed synthetic text if it is absent)."""
-  if not CORPUS.exists():
-    return _FALLBACK
+  """A few thousand lines of the bundled corpus."""
   with gzip.open(CORPUS, "rt", encoding="utf-8") as fh:
     return [next(fh).rstrip("\n") for _ in range(4000)]
 
