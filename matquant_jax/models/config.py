@@ -88,6 +88,11 @@ class TransformerConfig:
   pad_id: int = 0
 
   def __post_init__(self):
+    # Accept enum values as strings (configs, JSON metadata) and store the enums.
+    for f, enum_type in (("attention_pattern", AttentionPattern), ("norm_type", NormType),
+                         ("activation", Activation)):
+      if not isinstance(getattr(self, f), enum_type):
+        object.__setattr__(self, f, enum_type(getattr(self, f)))
     for f in ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim",
               "vocab_size"):
       v = getattr(self, f)
@@ -105,10 +110,6 @@ class TransformerConfig:
       raise ValueError(
           f"TransformerConfig({self.name!r}): attention_pattern={self.attention_pattern.value} "
           f"needs a positive sliding_window.")
-    for f, enum_type in (("attention_pattern", AttentionPattern), ("norm_type", NormType),
-                         ("activation", Activation)):
-      if not isinstance(getattr(self, f), enum_type):
-        object.__setattr__(self, f, enum_type(getattr(self, f)))
 
   @property
   def embed_rows(self) -> int:
@@ -128,6 +129,21 @@ class TransformerConfig:
 
   def replace(self, **changes) -> "TransformerConfig":
     return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    """JSON-ready fields (enums as their values); `from_dict` inverts it."""
+    return {f.name: (v.value if isinstance(v, enum.Enum) else v)
+            for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TransformerConfig":
+    """Rebuilds a config saved by `to_dict`; unknown fields are an error (a newer format)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"TransformerConfig.from_dict: unknown fields {unknown}; the checkpoint "
+                       f"may come from a newer matquant_jax.")
+    return cls(**d)
 
 
 def _gemma2(name, num_layers, d, f, n, k, h, query_scale):
