@@ -1,0 +1,285 @@
+"""The int8 MatQuant checkpoint: ONE file set that serves every bit-width and plan.
+
+Layout (format "matquant_jax.int8", version 1):
+
+    <dir>/metadata.json   format, version, model config, quantized scope, parent bits c,
+                          round_zero, the list of quantized kernels with their reduce axes,
+                          float dtype, and free-form training metadata
+    <dir>/arrays/         Orbax (StandardCheckpointer) tree:
+        quantized/<param path>/{codes: uint8 [kernel shape], scale: f32, zero: f32}
+        float/<param path>: every other parameter (embeddings, norms, unquantized kernels),
+                            bfloat16 by default
+
+So a quantized weight costs 1 byte on disk plus one (α, z) pair per output channel. Slicing
+happens on load: `params_for(plan)` dequantizes each kernel at the plan's width for its layer,
+α·(S(q, r) − z), from the c-bit codes (never from another slice). Kernels the checkpoint
+quantized but the plan leaves unquantized are served at the parent width c, since there is no
+float copy of them (e.g. "ffn:int4" on an ffn+attn checkpoint serves attention at int8).
+
+The codes are exactly what training's fake-quant computes (same MinMax code path), so the
+dequantized slice equals the training forward at that width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from matquant_jax.checkpoints import _common
+from matquant_jax.models.config import ATTN_KERNELS, FFN_KERNELS, QUANT_REDUCE_AXES
+from matquant_jax.models.config import TransformerConfig
+from matquant_jax.quant import validation
+from matquant_jax.quant.plan import PrecisionPlan, Scope
+from matquant_jax.quant.qtensor import QTensor
+
+FORMAT = "matquant_jax.int8"
+VERSION = 1
+
+
+def _kind(path: str) -> str | None:
+  """'ffn', 'attn' or None for a '/'-joined param path."""
+  parts = path.split("/")
+  if len(parts) >= 3 and parts[0].startswith("layer_"):
+    if parts[-2] in FFN_KERNELS:
+      return "ffn"
+    if parts[-2] in ATTN_KERNELS:
+      return "attn"
+  return None
+
+
+def quantized_paths(config: TransformerConfig, scope: Scope) -> list[str]:
+  """Param paths of the kernels a checkpoint of this scope stores as codes."""
+  kinds = {Scope.FFN: ("ffn",), Scope.ATTN: ("attn",), Scope.FFN_ATTN: ("ffn", "attn"),
+           Scope.NONE: ()}[scope]
+  return [p for p in _common.expected_param_shapes(config) if _kind(p) in kinds]
+
+
+def _layer_of(path: str) -> int:
+  return int(path.split("/")[0][len("layer_"):])
+
+
+def export_matquant_checkpoint(
+    path: str | pathlib.Path,
+    config: TransformerConfig,
+    params: Mapping[str, Any],
+    *,
+    scope: Scope | str = Scope.FFN,
+    parent_bits: int = 8,
+    round_zero: bool = False,
+    float_dtype: Any = jnp.bfloat16,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+  """Quantizes `params` to c-bit codes (kernels in `scope`) and writes the checkpoint.
+
+  Kernels are quantized one at a time, so peak memory is the params plus one kernel's codes.
+  """
+  path = pathlib.Path(path)
+  scope = Scope(scope) if not isinstance(scope, Scope) else scope
+  parent_bits = validation.check_bits(parent_bits, "parent_bits")
+  _common.check_params(config, params)
+  if path.exists():
+    if not overwrite:
+      raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path.")
+    shutil.rmtree(path)
+  qpaths = set(quantized_paths(config, scope))
+  flat = _common.flatten_tree(params)
+  quantized, floats = {}, {}
+  for name, w in flat.items():
+    if name in qpaths:
+      axes = QUANT_REDUCE_AXES[name.split("/")[-2]]
+      qt = _quantize(w, parent_bits, axes, round_zero)
+      quantized[name] = {"codes": qt.codes, "scale": qt.scale, "zero": qt.zero}
+    else:
+      floats[name] = jnp.asarray(w).astype(float_dtype)
+  tree = {"quantized": _common.unflatten_tree(quantized), "float": _common.unflatten_tree(floats)}
+  import orbax.checkpoint as ocp  # deferred: orbax is slow to import
+  path.mkdir(parents=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save((path / "arrays").absolute(), tree)
+  ckptr.wait_until_finished()
+  meta = {
+      "format": FORMAT,
+      "version": VERSION,
+      "model_config": config.to_dict(),
+      "scope": scope.value,
+      "parent_bits": parent_bits,
+      "round_zero": bool(round_zero),
+      "float_dtype": jnp.dtype(float_dtype).name,
+      "quantized": {n: list(QUANT_REDUCE_AXES[n.split("/")[-2]]) for n in sorted(qpaths)},
+      "metadata": dict(metadata or {}),
+  }
+  (path / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
+  return path
+
+
+_QUANTIZE_CACHE: dict = {}
+
+
+def _quantize(w, bits, axes, round_zero) -> QTensor:
+  key = (bits, tuple(axes), round_zero)
+  fn = _QUANTIZE_CACHE.get(key)
+  if fn is None:
+    fn = jax.jit(lambda w: QTensor.quantize(w, bits, axes, round_zero=round_zero))
+    _QUANTIZE_CACHE[key] = fn
+  return fn(jnp.asarray(w))
+
+
+@dataclasses.dataclass
+class MatQuantCheckpoint:
+  """A loaded int8 MatQuant checkpoint; slice it with `params_for(plan)`."""
+  config: TransformerConfig
+  scope: Scope
+  parent_bits: int
+  round_zero: bool
+  qtensors: dict[str, QTensor]     # flat '/'-path -> parent-width QTensor
+  floats: dict[str, jax.Array]     # flat '/'-path -> float param
+  metadata: dict[str, Any]
+  path: pathlib.Path | None = None
+
+  @classmethod
+  def load(cls, path: str | pathlib.Path, *, shardings: Mapping[str, Any] | None = None
+           ) -> "MatQuantCheckpoint":
+    """Reads a checkpoint; `shardings` maps '/'-paths of params to a Sharding (optional).
+
+    A kernel's codes, α and z are placed with its param's sharding, so a checkpoint restores
+    on any mesh or device count.
+    """
+    path = pathlib.Path(path)
+    meta_file = path / "metadata.json"
+    if not meta_file.exists():
+      raise FileNotFoundError(
+          f"{path} is not a MatQuant checkpoint: {meta_file} is missing. Export one with "
+          f"export_matquant_checkpoint (training does this at the end of a run).")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+      raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}.")
+    if meta.get("version", 0) > VERSION:
+      raise ValueError(f"{path}: format version {meta['version']} is newer than this library "
+                       f"({VERSION}); upgrade matquant_jax.")
+    config = TransformerConfig.from_dict(meta["model_config"])
+    scope = Scope(meta["scope"])
+    qpaths = quantized_paths(config, scope)
+    if sorted(qpaths) != sorted(meta["quantized"]):
+      raise ValueError(f"{path}: metadata lists quantized kernels that do not match scope "
+                       f"{scope.value!r} for model {config.name!r}; the file is inconsistent.")
+    shapes = _common.expected_param_shapes(config)
+    fdtype = jnp.dtype(meta["float_dtype"])
+    shardings = dict(shardings or {})
+
+    def abstract(shape, dtype, name, stat=False):
+      sh = shardings.get(name)
+      if stat or sh is None:
+        sh = _replicated(sh)
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+    quantized = {}
+    for name in qpaths:
+      shape = shapes[name]
+      axes = QUANT_REDUCE_AXES[name.split("/")[-2]]
+      stat_shape = tuple(1 if i in axes else s for i, s in enumerate(shape))
+      quantized[name] = {
+          "codes": abstract(shape, jnp.uint8, name),
+          "scale": abstract(stat_shape, jnp.float32, name, stat=True),
+          "zero": abstract(stat_shape, jnp.float32, name, stat=True),
+      }
+    floats = {n: abstract(s, fdtype, n) for n, s in shapes.items() if n not in set(qpaths)}
+    target = {"quantized": _common.unflatten_tree(quantized),
+              "float": _common.unflatten_tree(floats)}
+    import orbax.checkpoint as ocp
+    try:
+      restored = ocp.StandardCheckpointer().restore((path / "arrays").absolute(), target)
+    except Exception as e:  # orbax reports tree mismatches deep in its stack
+      raise ValueError(f"{path}: the stored arrays do not match the metadata's model "
+                       f"{config.name!r} / scope {scope.value!r}: {e}") from e
+    rq = _common.flatten_tree(restored["quantized"])
+    qtensors = {}
+    for name in qpaths:
+      axes = tuple(QUANT_REDUCE_AXES[name.split("/")[-2]])
+      qtensors[name] = QTensor(codes=rq[f"{name}/codes"], scale=rq[f"{name}/scale"],
+                               zero=rq[f"{name}/zero"], reduce_axes=axes,
+                               parent_bits=int(meta["parent_bits"]),
+                               bits=int(meta["parent_bits"]))
+    return cls(config=config, scope=scope, parent_bits=int(meta["parent_bits"]),
+               round_zero=bool(meta["round_zero"]), qtensors=qtensors,
+               floats=_common.flatten_tree(restored["float"]), metadata=meta["metadata"],
+               path=path)
+
+  def check_plan(self, plan: PrecisionPlan) -> None:
+    """Raises ValueError if `plan` cannot be served from this checkpoint."""
+    if not plan.is_quantized:
+      return
+    kinds = {"ffn", "attn"} if self.scope == Scope.FFN_ATTN else (
+        {"ffn"} if self.scope == Scope.FFN else ({"attn"} if self.scope == Scope.ATTN else set()))
+    wanted = {k for k in ("ffn", "attn") if plan.quantizes(k)}
+    if not wanted <= kinds:
+      raise ValueError(
+          f"plan {plan} quantizes {sorted(wanted - kinds)}, but this checkpoint stores only "
+          f"{self.scope.value!r} kernels as codes (the rest are float and were never trained "
+          f"for slicing); use a plan with scope {self.scope.value!r}.")
+    if plan.parent_bits != self.parent_bits:
+      raise ValueError(
+          f"plan {plan} slices from {plan.parent_bits}-bit codes, but this checkpoint holds "
+          f"{self.parent_bits}-bit codes; add ':parent={self.parent_bits}' to the plan.")
+    plan.layer_bits(self.config.num_layers)  # validates the depth of explicit plans
+
+  def slice_bits(self, plan: PrecisionPlan, name: str) -> int:
+    """The width kernel `name` is served at under `plan`."""
+    bits = plan.bits_for(_layer_of(name), self.config.num_layers, _kind(name))
+    return self.parent_bits if bits is None else bits
+
+  def qtensors_for(self, plan: PrecisionPlan) -> dict[str, QTensor]:
+    """Each quantized kernel's QTensor at the plan's width for its layer."""
+    self.check_plan(plan)
+    return {n: qt.slice(self.slice_bits(plan, n), extra_precision=plan.extra_precision)
+            for n, qt in self.qtensors.items()}
+
+  def params_for(self, plan: PrecisionPlan, dtype: Any = jnp.bfloat16) -> dict[str, Any]:
+    """The model's param tree with every quantized kernel dequantized at the plan's width."""
+    self.check_plan(plan)
+    flat = {n: v.astype(dtype) for n, v in self.floats.items()}
+    for name, qt in self.qtensors.items():
+      flat[name] = _dequantize(qt, self.slice_bits(plan, name), plan.extra_precision, dtype)
+    return _common.unflatten_tree(flat)
+
+  def effective_bits(self, plan: PrecisionPlan) -> float:
+    """Average bits per quantized parameter under `plan`, extra-bucket bits included."""
+    self.check_plan(plan)
+    total_bits = total = 0.0
+    for name, qt in self.qtensors.items():
+      s = qt.slice(self.slice_bits(plan, name), extra_precision=plan.extra_precision)
+      total_bits += s.effective_bits() * qt.size
+      total += qt.size
+    return total_bits / total if total else 16.0
+
+  @property
+  def stored_bytes(self) -> int:
+    """Bytes of the arrays (codes, α, z and floats) as stored."""
+    q = sum(qt.nbytes for qt in self.qtensors.values())
+    f = sum(int(v.size) * v.dtype.itemsize for v in self.floats.values())
+    return q + f
+
+
+_DEQUANT_CACHE: dict = {}
+
+
+def _dequantize(qt: QTensor, bits: int, ep: bool, dtype) -> jax.Array:
+  key = (bits, ep, jnp.dtype(dtype).name)
+  fn = _DEQUANT_CACHE.get(key)
+  if fn is None:
+    fn = jax.jit(lambda q: q.slice(bits, extra_precision=ep).dequantize(dtype))
+    _DEQUANT_CACHE[key] = fn
+  return fn(qt)
+
+
+def _replicated(sharding):
+  if sharding is None:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())

@@ -1,0 +1,318 @@
+"""Training objectives: MatQuant (Eq. 7), co-distillation, Single/Extra Precision, baselines.
+
+    L(θ) = Σ_{r∈R} λ_r · [ CE(F(S(Q(θ, 8), r)), y)  if r has a ground-truth term
+                         + D(F_t, F(S(Q(θ, 8), r)))  if r is distilled from teacher t ]
+
+Methods (spec §3-§5) and their defaults:
+  matquant          R = (8, 4, 2), λ = (0.1, 0.1, 1.0) (Gemma; Mistral QAT uses (0.2, 0.2, 1.0))
+  single_precision  R = (2,), λ = (1.0,): the int2 slice of an int8 parameterization (§5.1)
+  extra_precision   R = (8, 4, 2), λ = (1, 1, 1), unclamped slices (§5.2)
+  baseline          QAT directly at one width r with MinMax(r) (parent = r); the "sliced int8"
+                    baseline is this at r = 8, sliced at evaluation time
+  bf16              no quantization (the reference, or plain fine-tuning)
+
+Co-distillation (spec §4) uses the paper's notation, `x→y` (or `x->y`) meaning "the y-bit
+model is distilled from the x-bit model", e.g. "[8,4,2,8->4;2]". A bit-width listed alone has
+a ground-truth term; one that appears only as a student is trained on the teacher alone
+(standalone, "[8,4,8->2]"). Choices the paper leaves open, as options:
+  distill_loss      "kl" (default): KL(teacher ‖ student) over the vocabulary per token;
+                    "soft_ce": −Σ p_t log p_s (same gradient, differs by the teacher entropy);
+                    "l2": squared error of logits.
+  stop_teacher_grad True (default): the teacher's logits are a constant target. False lets the
+                    distillation term train the teacher slice too.
+  Weighting: ground-truth and distillation terms of one bit-width are "weighted equally"
+  (spec §4), both scaled by that width's λ_r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from matquant_jax.quant import validation
+from matquant_jax.quant.plan import PrecisionPlan, Scope
+
+METHODS = ("matquant", "single_precision", "extra_precision", "baseline", "bf16")
+DISTILL_LOSSES = ("kl", "soft_ce", "l2")
+
+DEFAULT_LAMBDAS = {
+    ("matquant", "gemma"): (0.1, 0.1, 1.0),
+    ("matquant", "mistral"): (0.2, 0.2, 1.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A resolved, validated objective. Build it with `make_objective`."""
+  method: str
+  bits: tuple[int, ...]                  # R, in forward order (teachers first)
+  weights: tuple[float, ...]             # λ_r, aligned with `bits`
+  ground_truth: tuple[int, ...]          # widths with a cross-entropy term
+  distill: tuple[tuple[int, int], ...]   # (teacher, student) pairs
+  scope: Scope = Scope.FFN
+  extra_precision: bool = False
+  parent_bits: int = 8
+  distill_loss: str = "kl"
+  stop_teacher_grad: bool = True
+
+  def weight(self, bits: int) -> float:
+    return self.weights[self.bits.index(bits)]
+
+  def plan_for(self, bits: int | None) -> PrecisionPlan:
+    """The precision plan of the forward pass at `bits` (None: the unquantized model)."""
+    if bits is None or self.method == "bf16":
+      return PrecisionPlan.bf16()
+    return PrecisionPlan.uniform(bits, self.scope, extra_precision=self.extra_precision,
+                                 parent_bits=self.parent_bits)
+
+  @property
+  def teachers(self) -> tuple[int, ...]:
+    return tuple(sorted({t for t, _ in self.distill}, reverse=True))
+
+  def describe(self) -> str:
+    if self.method == "bf16":
+      return "bf16"
+    terms = [str(r) for r in self.ground_truth]
+    for t in self.teachers:
+      students = ";".join(str(s) for tt, s in self.distill if tt == t)
+      terms.append(f"{t}->{students}")
+    lam = ",".join(f"{w:g}" for w in self.weights)
+    ep = " ep" if self.extra_precision else ""
+    return f"{self.method} [{','.join(terms)}] λ=({lam}) {self.scope.value}{ep}"
+
+
+_TERM = re.compile(r"^(\d+)\s*(?:->|→)\s*([\d;\s]+)$")
+
+
+def parse_codistill(text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+  """'[8,4,2,8->4;2]' -> ((8, 4, 2), ((8, 4), (8, 2))): ground-truth widths and distill pairs."""
+  s = text.strip()
+  if not (s.startswith("[") and s.endswith("]")):
+    raise ValueError(f"co-distillation spec {text!r} must look like '[8,4,2,8->2]'.")
+  gt, pairs = [], []
+  for term in (t.strip() for t in s[1:-1].split(",")):
+    if not term:
+      raise ValueError(f"co-distillation spec {text!r} has an empty term.")
+    m = _TERM.match(term)
+    if m:
+      teacher = validation.check_bits(int(m.group(1)), "teacher bits")
+      for st in m.group(2).split(";"):
+        student = validation.check_bits(int(st), "student bits")
+        if student >= teacher:
+          raise ValueError(
+              f"in {text!r}, {teacher}->{student}: a teacher must have more bits than its student.")
+        pairs.append((teacher, student))
+    elif term.isdigit():
+      gt.append(validation.check_bits(int(term), "bits"))
+    else:
+      raise ValueError(
+          f"co-distillation term {term!r} in {text!r} is neither a bit-width nor 'x->y' "
+          f"(e.g. '8->2' or '8->4;2').")
+  if len(set(gt)) != len(gt) or len(set(pairs)) != len(pairs):
+    raise ValueError(f"co-distillation spec {text!r} repeats a term.")
+  for t, _ in pairs:
+    if t not in gt:
+      raise ValueError(
+          f"in {text!r} the teacher int{t} has no ground-truth term of its own; list {t} too.")
+  return tuple(gt), tuple(pairs)
+
+
+def make_objective(
+    method: str = "matquant",
+    *,
+    bits: Sequence[int] | None = None,
+    weights: Sequence[float] | None = None,
+    codistill: str = "",
+    scope: str | Scope = "ffn",
+    extra_precision: bool | None = None,
+    distill_loss: str = "kl",
+    stop_teacher_grad: bool = True,
+    family: str = "gemma",
+) -> Objective:
+  """Resolves a method name and options into an `Objective`, or raises ValueError.
+
+  Args:
+    method: one of METHODS.
+    bits: R for matquant/extra_precision (default (8, 4, 2)); the single width r for baseline.
+    weights: λ aligned with `bits` (defaults per method and model family, see module doc).
+    codistill: paper notation, e.g. "[8,4,2,8->2]"; overrides `bits` with its widths.
+    scope: "ffn" (paper default) or "ffn+attn".
+    extra_precision: unclamped slices (default True only for method extra_precision).
+    family: "gemma" or "mistral", for the default λ.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown objective method {method!r}; choose one of {', '.join(METHODS)}.")
+  if distill_loss not in DISTILL_LOSSES:
+    raise ValueError(f"unknown distill_loss {distill_loss!r}; choose one of {DISTILL_LOSSES}.")
+  scope = Scope(scope) if not isinstance(scope, Scope) else scope
+  if scope not in (Scope.FFN, Scope.ATTN, Scope.FFN_ATTN):
+    raise ValueError(f"objective scope must be ffn, attn or ffn+attn, got {scope.value!r}.")
+  if method == "bf16":
+    if bits or weights or codistill:
+      raise ValueError("method 'bf16' trains without quantization: drop bits/weights/codistill.")
+    return Objective(method="bf16", bits=(), weights=(), ground_truth=(), distill=(),
+                     scope=Scope.NONE)
+
+  if method == "baseline":
+    if codistill:
+      raise ValueError("a baseline trains one bit-width; co-distillation needs method 'matquant'.")
+    bits = tuple(bits or (8,))
+    if len(bits) != 1:
+      raise ValueError(f"a baseline trains exactly one bit-width r with MinMax(r); got bits={bits}.")
+    r = validation.check_bits(bits[0])
+    return Objective(method="baseline", bits=(r,), weights=(1.0,), ground_truth=(r,), distill=(),
+                     scope=scope, extra_precision=False, parent_bits=r)
+
+  if extra_precision is None:
+    extra_precision = method == "extra_precision"
+  if codistill:
+    gt, pairs = parse_codistill(codistill)
+    all_bits = sorted(set(gt) | {s for _, s in pairs}, reverse=True)
+    if bits is not None and tuple(sorted(bits, reverse=True)) != tuple(all_bits):
+      raise ValueError(f"bits={tuple(bits)} disagree with codistill {codistill!r} ({all_bits}).")
+    bits = tuple(all_bits)
+  else:
+    default_bits = (2,) if method == "single_precision" else (8, 4, 2)
+    bits = tuple(bits) if bits is not None else default_bits
+    gt, pairs = bits, ()
+  for r in bits:
+    validation.check_bits(r)
+  if len(set(bits)) != len(bits):
+    raise ValueError(f"bits={bits} repeats a width.")
+  bits = tuple(sorted(bits, reverse=True))  # teachers (wider) run first
+
+  if weights is None:
+    if method == "extra_precision" or method == "single_precision":
+      weights = (1.0,) * len(bits)
+    elif bits == (8, 4, 2):
+      weights = DEFAULT_LAMBDAS.get((method, family))
+      if weights is None:
+        raise ValueError(f"no default λ for family {family!r}; pass weights explicitly.")
+    else:
+      raise ValueError(f"bits={bits} have no default λ; pass weights (one per width).")
+  weights = tuple(float(w) for w in weights)
+  if len(weights) != len(bits):
+    raise ValueError(f"weights={weights} must give one λ per bit-width in {bits}.")
+  if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+    raise ValueError(f"weights={weights} must be >= 0 with at least one > 0.")
+  return Objective(method=method, bits=bits, weights=weights, ground_truth=tuple(gt),
+                   distill=tuple(pairs), scope=scope, extra_precision=bool(extra_precision),
+                   parent_bits=8, distill_loss=distill_loss,
+                   stop_teacher_grad=bool(stop_teacher_grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses. All take float32 logits [B, T, V] and a float mask [B, T]; they return (sum, count)
+# so per-device partial sums add up exactly before the division.
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy (nats) over the masked tokens."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def distillation(student: jax.Array, teacher: jax.Array, mask: jax.Array, kind: str) -> jax.Array:
+  """Mean per-token distillation loss of student logits toward teacher logits."""
+  s = student.astype(jnp.float32)
+  t = teacher.astype(jnp.float32)
+  if kind == "l2":
+    per_tok = jnp.mean((s - t) ** 2, axis=-1)
+  else:
+    log_ps = jax.nn.log_softmax(s, axis=-1)
+    log_pt = jax.nn.log_softmax(t, axis=-1)
+    pt = jnp.exp(log_pt)
+    per_tok = -jnp.sum(pt * log_ps, axis=-1)
+    if kind == "kl":
+      per_tok = per_tok + jnp.sum(pt * log_pt, axis=-1)
+  return jnp.sum(per_tok * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+ApplyFn = Callable[[object, Mapping[str, jax.Array], PrecisionPlan], jax.Array]
+
+
+def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mapping[str, jax.Array],
+                   *, sequential: bool = True):
+  """Total loss, its gradient and per-bit-width metrics for one batch.
+
+  Each bit-width's forward and backward run one after another (`sequential`): an
+  optimization barrier makes the next width's forward wait for the previous width's gradients,
+  so XLA frees one width's activations before the next is computed and the step's peak memory
+  stays near that of a single-precision QAT step. Teachers run first; with
+  `stop_teacher_grad=False` the teacher's share of the distillation gradient is applied with
+  one extra teacher forward (its VJP) at the end instead of keeping its activations alive.
+
+  Args:
+    objective: from make_objective.
+    apply_fn: (params, batch, plan) -> logits [B, T, V].
+    params: the trainable pytree.
+    batch: 'inputs', 'targets' [B, T] int32, 'loss_mask' [B, T] (plus whatever apply_fn reads).
+
+  Returns:
+    (loss, grads, metrics): metrics has 'loss', 'ce_int{r}' per ground-truth width and
+    'distill_int{t}_int{s}' per distillation pair.
+  """
+  mask = batch["loss_mask"].astype(jnp.float32)
+  targets = batch["targets"]
+  metrics = {}
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+  if objective.method == "bf16":
+    def bf16_loss(p):
+      return cross_entropy(apply_fn(p, batch, objective.plan_for(None)), targets, mask)
+    loss, grads = jax.value_and_grad(bf16_loss)(params)
+    return loss, grads, {"loss": loss, "ce_bf16": loss}
+
+  grads = zeros
+  total = jnp.zeros((), jnp.float32)
+  teacher_logits: dict[int, jax.Array] = {}
+  teacher_cotangent: dict[int, jax.Array] = {}
+  for r in objective.bits:
+    lam = objective.weight(r)
+    plan = objective.plan_for(r)
+    teachers_of_r = [t for t, s in objective.distill if s == r]
+    has_gt = r in objective.ground_truth
+    is_teacher = r in objective.teachers
+
+    def loss_r(p, t_logits, plan=plan, lam=lam, has_gt=has_gt, teachers_of_r=teachers_of_r):
+      logits = apply_fn(p, batch, plan)
+      parts = {}
+      loss = jnp.zeros((), jnp.float32)
+      if has_gt:
+        parts[f"ce_int{r}"] = cross_entropy(logits, targets, mask)
+        loss = loss + parts[f"ce_int{r}"]
+      for t in teachers_of_r:
+        tl = t_logits[t]
+        if objective.stop_teacher_grad:
+          tl = jax.lax.stop_gradient(tl)
+        parts[f"distill_int{t}_int{r}"] = distillation(logits, tl, mask, objective.distill_loss)
+        loss = loss + parts[f"distill_int{t}_int{r}"]
+      return lam * loss, (parts, logits)
+
+    t_in = {t: teacher_logits[t] for t in teachers_of_r}
+    (loss, (parts, logits)), (g_p, g_t) = jax.value_and_grad(
+        loss_r, argnums=(0, 1), has_aux=True)(params, t_in)
+    grads = jax.tree_util.tree_map(jnp.add, grads, g_p)
+    total = total + loss
+    metrics.update(parts)
+    if not objective.stop_teacher_grad:
+      for t, g in g_t.items():
+        teacher_cotangent[t] = teacher_cotangent.get(t, 0.0) + g
+    if is_teacher:
+      teacher_logits[r] = jax.lax.stop_gradient(logits)
+    if sequential:
+      params, grads, teacher_logits = jax.lax.optimization_barrier((params, grads, teacher_logits))
+
+  # The teachers' share of the distillation gradient (only when it is not stopped).
+  for t, cot in teacher_cotangent.items():
+    _, vjp = jax.vjp(lambda p, t=t: apply_fn(p, batch, objective.plan_for(t)), params)
+    (g_p,) = vjp(cot.astype(teacher_logits[t].dtype))
+    grads = jax.tree_util.tree_map(jnp.add, grads, g_p)
+
+  metrics["loss"] = total
+  return total, grads, metrics
