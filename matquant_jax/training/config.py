@@ -1,0 +1,83 @@
+"""Experiment configuration defaults (ml_collections), shared by every file in configs/.
+
+Every field has a fixed type: `--config.field=value` overrides of the wrong type, and unknown
+fields, are errors (ml_collections + absl config_flags), never silent defaults. Optional fields
+are typed placeholders (None until set).
+
+The defaults are the paper's QAT hyperparameters (spec §6) where it gives them: batch 16,
+sequence 8192, linear warmup to 1e-5 over 150 steps then cosine decay, one epoch over a fixed
+100M-token sample of C4 (763 steps). What it leaves open (optimizer, weight decay, final LR,
+gradient clipping, whether non-quantized params train) are fields here with documented defaults.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = "gemma2_2b"          # a preset of matquant_jax.models.config.PRESETS
+  # Where the starting weights come from: "random", "run:<workdir>" (the final params of an
+  # earlier run, e.g. bf16 pretraining), "hf:<dir>" (HF safetensors), "gemma:<dir>" (official
+  # Gemma Flax/Orbax), "mistral:<dir>" (consolidated.safetensors + params.json).
+  c.init = "random"
+  # A sentencepiece .model file, or "train:<vocab_size>" to train one on the training text into
+  # the workdir (tiny runs only), or "run:<workdir>" to reuse an earlier run's tokenizer.
+  c.tokenizer = "train:512"
+  c.seed = 0
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.method = "matquant"  # matquant | single_precision | extra_precision | baseline | bf16
+  c.objective.bits = config_dict.placeholder(tuple)      # R, or (r,) for a baseline
+  c.objective.weights = config_dict.placeholder(tuple)   # λ aligned with bits
+  c.objective.codistill = ""       # e.g. "[8,4,2,8->2]" (spec §4)
+  c.objective.scope = "ffn"        # ffn (paper default) | ffn+attn
+  c.objective.extra_precision = config_dict.placeholder(bool)
+  c.objective.distill_loss = "kl"  # kl | soft_ce | l2
+  c.objective.stop_teacher_grad = True
+  c.objective.family = "gemma"     # default λ: gemma (0.1, 0.1, 1) | mistral (0.2, 0.2, 1)
+  # Whether parameters outside the quantized kernels (attention in FFN-only runs, embeddings,
+  # norms) train too. The paper says QAT "updates all the model parameters": default "all".
+  c.train_scope = "all"            # all | quantized
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds:c4/en"     # kjv | text:<path>[,<path>] | tfds:<name>
+  c.data.tfds_data_dir = ""        # TFDS data_dir ("" = TFDS default)
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.seq_len = 8192
+  c.data.global_batch_size = 16
+  c.data.seed = 0
+  c.data.num_epochs = 1            # 0 = repeat forever
+  c.data.max_tokens = 100_000_000  # the fixed token sample (0 = no cap)
+  c.data.add_bos = True
+  c.data.add_eos = True
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.peak_lr = 1e-5
+  c.optimizer.warmup_steps = 150
+  c.optimizer.final_lr_fraction = 0.0
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.grad_clip_norm = config_dict.placeholder(float)
+
+  # 0 = derive from the data budget: max_tokens / (global_batch_size * seq_len) per epoch.
+  c.num_steps = 0
+  c.compute_dtype = "bfloat16"     # activations; master weights are always float32
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # -1 = all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 3
+  c.export = True                  # write the int8 MatQuant checkpoint at the end
+  c.aot_only = False               # lower + compile the train step, report memory, do not run
+  # Device kind used for MFU when the backend's own name is not in the peak-FLOPs table.
+  c.peak_flops_per_device = config_dict.placeholder(float)
+  return c

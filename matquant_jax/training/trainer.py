@@ -1,0 +1,441 @@
+"""The QAT training loop: validated setup, sharded jitted step, Orbax checkpoints, export.
+
+    setup = resolve(config)            # every check, no compilation, no allocation
+    train(config, workdir)             # runs (or resumes) the job, exports the int8 checkpoint
+
+One step runs every bit-width of the objective (objectives.loss_and_grads) with f32 master
+weights and `compute_dtype` activations, under `jit` with NamedShardings over a
+('data', 'fsdp', 'tensor') mesh and the state donated. The same code runs on one CPU, 8 forced
+CPU devices, a GPU and a TPU pod (`jax.distributed.initialize()` is called by the CLI on pods).
+
+Resuming: an Orbax CheckpointManager keeps the last K (train state, data-iterator state) pairs;
+restarting the same command restores the latest one and continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from matquant_jax.models import config as model_config_lib
+from matquant_jax.models import transformer as transformer_lib
+from matquant_jax.quant.plan import Scope
+from matquant_jax.training import metrics as metrics_lib
+from matquant_jax.training import objectives as objectives_lib
+from matquant_jax.training import optimizer as optimizer_lib
+from matquant_jax.training import sharding as sharding_lib
+
+COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; raised before anything is compiled."""
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything derived from the config, validated."""
+  model: model_config_lib.TransformerConfig
+  objective: objectives_lib.Objective
+  mesh: jax.sharding.Mesh
+  compute_dtype: Any
+  num_steps: int
+  seq_len: int
+  global_batch_size: int
+  train_scope: str
+
+
+def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
+  """Validates `config` and derives the run's setup; raises ConfigError naming the problem."""
+  try:
+    model = model_config_lib.get_config(config.model)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from None
+  o = config.objective
+  try:
+    objective = objectives_lib.make_objective(
+        o.method, bits=o.bits, weights=o.weights, codistill=o.codistill, scope=o.scope,
+        extra_precision=o.extra_precision, distill_loss=o.distill_loss,
+        stop_teacher_grad=o.stop_teacher_grad, family=o.family)
+  except ValueError as e:
+    raise ConfigError(f"config.objective: {e}") from None
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}; choose one of "
+                      f"{sorted(COMPUTE_DTYPES)}.")
+  if config.train_scope not in ("all", "quantized"):
+    raise ConfigError(f"config.train_scope={config.train_scope!r}; choose 'all' or 'quantized'.")
+  if config.train_scope == "quantized" and objective.method == "bf16":
+    raise ConfigError("config.train_scope='quantized' needs a quantized objective, not bf16.")
+  try:
+    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                                  devices=devices)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
+  d = config.data
+  if d.seq_len <= 1:
+    raise ConfigError(f"config.data.seq_len={d.seq_len} must be > 1.")
+  dp = sharding_lib.data_parallel_size(mesh)
+  if d.global_batch_size <= 0 or d.global_batch_size % dp:
+    raise ConfigError(
+        f"config.data.global_batch_size={d.global_batch_size} is not divisible by the "
+        f"{dp} data-parallel devices of mesh {dict(mesh.shape)}; use a multiple of {dp}.")
+  if d.global_batch_size % jax.process_count():
+    raise ConfigError(f"config.data.global_batch_size={d.global_batch_size} is not divisible "
+                      f"by the {jax.process_count()} hosts.")
+  num_steps = int(config.num_steps)
+  if num_steps <= 0:
+    if not d.max_tokens:
+      raise ConfigError("config.num_steps=0 derives the step count from config.data.max_tokens, "
+                        "which is 0 too; set one of them.")
+    epochs = max(int(d.num_epochs), 1)
+    num_steps = epochs * (int(d.max_tokens) // (d.global_batch_size * d.seq_len))
+    if num_steps <= 0:
+      raise ConfigError(f"config.data.max_tokens={d.max_tokens} is less than one batch "
+                        f"({d.global_batch_size}×{d.seq_len} tokens).")
+  for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if config[f] <= 0:
+      raise ConfigError(f"config.{f}={config[f]} must be positive.")
+  return Setup(model=model, objective=objective, mesh=mesh,
+               compute_dtype=COMPUTE_DTYPES[config.compute_dtype], num_steps=num_steps,
+               seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
+               train_scope=config.train_scope)
+
+
+def make_apply_fn(model: model_config_lib.TransformerConfig, compute_dtype):
+  def apply_fn(params, batch, plan):
+    module = transformer_lib.Transformer(model, plan=plan, dtype=compute_dtype)
+    return module.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                        segment_ids=batch.get("segment_ids"))
+  return apply_fn
+
+
+def trainable_mask(model: model_config_lib.TransformerConfig, scope: Scope, train_scope: str):
+  """True for the params that train: all, or only the quantized kernels."""
+  shapes = transformer_lib.param_shapes(model)
+  if train_scope == "all":
+    return jax.tree_util.tree_map(lambda _: True, shapes)
+  kinds = {Scope.FFN: {"mlp"}, Scope.ATTN: {"attn"}, Scope.FFN_ATTN: {"mlp", "attn"}}[scope]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(k, "key", None) in kinds for k in path), shapes)
+
+
+def make_optimizer(config, setup: Setup):
+  o = config.optimizer
+  return optimizer_lib.make_optimizer(
+      peak_lr=o.peak_lr, warmup_steps=o.warmup_steps, total_steps=setup.num_steps,
+      final_lr_fraction=o.final_lr_fraction, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+      eps=o.eps, grad_clip_norm=o.grad_clip_norm,
+      trainable_mask=(None if setup.train_scope == "all" else
+                      trainable_mask(setup.model, setup.objective.scope, setup.train_scope)))
+
+
+def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
+  """The (unjitted) step: (state, batch) -> (state, metrics)."""
+  apply_fn = make_apply_fn(setup.model, setup.compute_dtype)
+
+  def step(state: TrainState, batch):
+    loss, grads, metrics = objectives_lib.loss_and_grads(setup.objective, apply_fn,
+                                                         state.params, batch)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = grad_norm
+    metrics["learning_rate"] = schedule(state.step)
+    metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+def state_shardings(setup: Setup, tx):
+  """Shardings of TrainState (params from logical axes; optimizer state from compilation)."""
+  shapes = transformer_lib.param_shapes(setup.model)
+  p_shard, notes = sharding_lib.param_shardings(
+      transformer_lib.logical_axes(setup.model), shapes, setup.mesh)
+  abstract = jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh), shapes, p_shard)
+  opt_shard = jax.jit(tx.init).lower(abstract).compile().output_shardings
+  replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+  return TrainState(step=replicated, params=p_shard, opt_state=opt_shard), abstract, notes
+
+
+def abstract_batch(setup: Setup):
+  sh = sharding_lib.batch_sharding(setup.mesh)
+  shape = (setup.global_batch_size, setup.seq_len)
+  b = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)
+       for k in ("inputs", "targets", "segment_ids", "positions")}
+  b["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)
+  return b
+
+
+def compile_step(setup: Setup, tx, schedule):
+  """Lowers and compiles the jitted step for the setup's mesh without running it."""
+  shardings, abstract_params, notes = state_shardings(setup, tx)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_opt = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt,
+      shardings.opt_state)
+  abstract_state = TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+      params=abstract_params, opt_state=abstract_opt)
+  replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+  jitted = jax.jit(build_train_step(setup, tx, schedule),
+                   in_shardings=(shardings, sharding_lib.batch_sharding(setup.mesh)),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+  compiled = jitted.lower(abstract_state, abstract_batch(setup)).compile()
+  return jitted, compiled, shardings, notes
+
+
+def memory_report(compiled) -> dict[str, float]:
+  """Bytes per device of the compiled step (XLA's memory analysis)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {k: float(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                            "temp_size_in_bytes", "alias_size_in_bytes",
+                                            "generated_code_size_in_bytes") if hasattr(m, k)}
+  out["peak_estimate_bytes"] = (out.get("argument_size_in_bytes", 0) +
+                                out.get("output_size_in_bytes", 0) -
+                                out.get("alias_size_in_bytes", 0) +
+                                out.get("temp_size_in_bytes", 0))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def data_config(config):
+  """The data pipeline's DataConfig from the experiment config (0 / "" mean unset)."""
+  from matquant_jax.data import lm
+  d = config.data
+  return lm.DataConfig(
+      source=d.source, tfds_data_dir=d.tfds_data_dir or None, train_split=d.train_split,
+      eval_split=d.eval_split, seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
+      seed=int(d.seed), num_epochs=int(d.num_epochs) or None, max_tokens=int(d.max_tokens) or None,
+      add_bos=bool(d.add_bos), add_eos=bool(d.add_eos))
+
+
+def resolve_tokenizer(config, workdir: pathlib.Path, model: model_config_lib.TransformerConfig):
+  """Loads (or, for "train:<vocab>", trains into the workdir) the run's tokenizer."""
+  from matquant_jax.data import sources
+  from matquant_jax.data.tokenizer import Tokenizer, train_tokenizer
+  spec = config.tokenizer
+  family = "gemma" if model.norm_type == model_config_lib.NormType.ZERO_CENTERED else "mistral"
+  target = workdir / "tokenizer.model"
+  if spec.startswith("train:"):
+    vocab = int(spec.split(":", 1)[1])
+    if not target.exists():
+      if jax.process_index() == 0:
+        src = sources.make_source(config.data.source, config.data.train_split,
+                                  tfds_data_dir=config.data.tfds_data_dir or None)
+        texts = (src[i] for i in range(min(len(src), 20_000)))
+        train_tokenizer(texts, str(target.with_suffix("")), vocab, family=family)
+    tok = Tokenizer.from_file(target, family=family)
+  elif spec.startswith("run:"):
+    tok = Tokenizer.from_file(pathlib.Path(spec[4:]) / "tokenizer.model", family=family)
+  else:
+    tok = Tokenizer.from_file(spec, family=family)
+  if tok.vocab_size > model.vocab_size:
+    raise ConfigError(f"tokenizer {spec!r} has {tok.vocab_size} pieces but model "
+                      f"{model.name!r} has vocab_size {model.vocab_size}.")
+  return tok
+
+
+def initial_params(config, setup: Setup, shardings, rng):
+  """Starting weights, placed with `shardings` (random init happens directly sharded)."""
+  spec = config.init
+  model = setup.model
+  if spec == "random":
+    module = transformer_lib.Transformer(model)
+    init = jax.jit(lambda key: jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32),
+        __import__("flax").linen.meta.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32)))["params"]),
+        out_shardings=shardings)
+    return init(rng)
+  kind, _, path = spec.partition(":")
+  if kind == "run":
+    import orbax.checkpoint as ocp
+    target = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh),
+        transformer_lib.param_shapes(model), shardings)
+    final = pathlib.Path(path) / "final_params"
+    if not final.exists():
+      raise ConfigError(f"config.init={spec!r}: {final} does not exist; run that job to the end "
+                        f"first (it writes final_params when it finishes).")
+    return ocp.StandardCheckpointer().restore(final.absolute(), target)
+  from matquant_jax import checkpoints
+  if kind == "hf":
+    loaded_cfg, params = checkpoints.load_hf_checkpoint(path)
+  elif kind == "gemma":
+    params = checkpoints.load_gemma_flax_checkpoint(path, model)
+    loaded_cfg = model
+  elif kind == "mistral":
+    loaded_cfg, params = checkpoints.load_mistral_consolidated(path)
+  else:
+    raise ConfigError(f"config.init={spec!r}: use random, run:<dir>, hf:<dir>, gemma:<dir> or "
+                      f"mistral:<dir>.")
+  if loaded_cfg.replace(name=model.name) != model:
+    raise ConfigError(f"config.init={spec!r} holds a {loaded_cfg.name!r} architecture that "
+                      f"differs from config.model={model.name!r}.")
+  return jax.tree_util.tree_map(lambda x, sh: jax.device_put(np.asarray(x, np.float32), sh),
+                                params, shardings)
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Runs (or resumes) the experiment in `workdir`; returns a summary dict."""
+  import orbax.checkpoint as ocp
+  from matquant_jax.checkpoints.matquant_checkpoint import export_matquant_checkpoint
+  from matquant_jax.data import lm
+
+  workdir = pathlib.Path(workdir).absolute()
+  setup = resolve(config)
+  dcfg = data_config(config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  log = metrics_lib.MetricsLogger(workdir, setup.num_steps)
+  log.text(f"matquant_jax train: {setup.model.name} | {setup.objective.describe()} | "
+           f"{setup.num_steps} steps of {setup.global_batch_size}×{setup.seq_len} tokens | "
+           f"mesh {dict(setup.mesh.shape)} | {jax.device_count()} {jax.default_backend()} devices")
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  tx, schedule = make_optimizer(config, setup)
+  t0 = time.time()
+  jitted, compiled, shardings, notes = compile_step(setup, tx, schedule)
+  mem = memory_report(compiled)
+  log.text(f"compiled the train step in {time.time() - t0:.1f}s; per-device memory: "
+           f"{mem.get('peak_estimate_bytes', float('nan')) / 2**20:,.1f} MiB peak estimate")
+  for n in notes[:5]:
+    log.text(f"  sharding note: {n}")
+  if config.aot_only:
+    log.close()
+    return {"aot_only": True, "memory": mem}
+
+  tokenizer = resolve_tokenizer(config, workdir, setup.model)
+  data_iter = lm.make_lm_dataset(dcfg, tokenizer, split="train",
+                                 shard_index=jax.process_index(),
+                                 shard_count=jax.process_count())
+
+  mngr = ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
+      item_names=("state", "data"))
+  latest = mngr.latest_step()
+  if latest is not None:
+    abstract_state = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding),
+        _abstract_state(setup, tx, shardings))
+    restored = mngr.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    state = restored["state"]
+    data_iter.set_state(restored["data"])
+    log.text(f"resumed from {workdir / 'checkpoints'} at step {latest}")
+  else:
+    params = initial_params(config, setup, shardings.params, jax.random.key(config.seed))
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                       params=params, opt_state=opt_state)
+
+  flops_per_step = (metrics_lib.train_flops_per_token(setup.model, setup.seq_len) *
+                    setup.global_batch_size * setup.seq_len * max(len(setup.objective.bits), 1))
+  peak = config.peak_flops_per_device or metrics_lib.peak_flops_per_device()
+  bsh = sharding_lib.batch_sharding(setup.mesh)
+  step = int(state.step)
+  pending = None  # (step, metrics) of the last dispatched step, checked one step later
+  window_start, window_steps = time.time(), 0
+  last_metrics: dict[str, float] = {}
+  try:
+    while step < setup.num_steps:
+      try:
+        batch = next(data_iter)
+      except StopIteration:
+        log.text(f"data exhausted after step {step} (num_epochs/max_tokens); stopping early.")
+        break
+      state, m = jitted(state, _to_global(batch, bsh))
+      step += 1
+      window_steps += 1
+      if pending is not None:
+        _check_finite(*pending)
+      pending = (step, m)
+      if step % config.log_every_steps == 0 or step == setup.num_steps:
+        _check_finite(step, m)
+        host = {k: float(v) for k, v in jax.device_get(m).items() if k != "finite"}
+        dt = time.time() - window_start
+        host["step_time_s"] = dt / window_steps
+        host["tokens_per_s"] = setup.global_batch_size * setup.seq_len * window_steps / dt
+        if peak:
+          host["mfu"] = flops_per_step * window_steps / dt / (peak * jax.device_count())
+        log.log(step, host)
+        last_metrics = host
+        window_start, window_steps = time.time(), 0
+      if step % config.checkpoint_every_steps == 0 or step == setup.num_steps:
+        _check_finite(step, m)
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_iter.get_state())))
+    if pending is not None:
+      _check_finite(*pending)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+
+  final = workdir / "final_params"
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(final, state.params, force=True)
+  ckptr.wait_until_finished()
+  summary = {"steps": step, "final_metrics": last_metrics, "memory": mem,
+             "final_params": str(final)}
+  if config.export and setup.objective.method != "bf16":
+    path = export_matquant_checkpoint(
+        workdir / "matquant_int8", setup.model, state.params, scope=setup.objective.scope,
+        parent_bits=setup.objective.parent_bits, overwrite=True,
+        metadata={"objective": setup.objective.describe(), "steps": step,
+                  "config": json.loads(config.to_json_best_effort())})
+    log.text(f"exported the int8 MatQuant checkpoint to {path}")
+    summary["export"] = str(path)
+  log.close()
+  return summary
+
+
+def _abstract_state(setup: Setup, tx, shardings: TrainState) -> TrainState:
+  shapes = transformer_lib.param_shapes(setup.model)
+  params = jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh), shapes,
+      shardings.params)
+  opt = jax.eval_shape(tx.init, params)
+  opt = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                               opt, shardings.opt_state)
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+                    params=params, opt_state=opt)
+
+
+def _check_finite(step: int, metrics) -> None:
+  if not bool(metrics["finite"]):
+    loss = float(metrics["loss"])
+    gnorm = float(metrics["grad_norm"])
+    raise FloatingPointError(
+        f"training diverged at step {step}: loss={loss}, grad_norm={gnorm} (non-finite). "
+        f"The last checkpoint before it is intact; lower optimizer.peak_lr, set "
+        f"optimizer.grad_clip_norm, or check the data, then rerun to resume from it.")
