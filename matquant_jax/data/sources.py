@@ -291,15 +291,16 @@ def tfds_text_source(name: str, split: str, data_dir: PathLike | None = None,
 def _diagnose_tfds(tfds, name: str, split: str, data_dir: str | None,
                    error: Exception) -> Exception:
   """A clear error for a failed `tfds.data_source` call."""
-  shown_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  shown_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or str(tfds.core.constants.DATA_DIR)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     return FileNotFoundError(
         f"TFDS dataset {name!r} is neither a registered TFDS dataset nor prepared under "
         f"data_dir {shown_dir} (looked for {shown_dir}/{name.split(':')[0]}/<version>/"
-        f"dataset_info.json). Check the name, or copy its prepared files there. "
-        + _prepare_hint(name, shown_dir))
+        f"dataset_info.json). Check the name (C4 is 'c4/en'); a dataset without TFDS code "
+        f"needs its prepared array_record files copied there (<name>/<config>/<version>/ with "
+        f"dataset_info.json, features.json, *.array_record-*). This pipeline never downloads.")
   except Exception:  # pylint: disable=broad-except
     return error
   version_dir = str(builder.data_dir)
