@@ -31,16 +31,26 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from matquant_jax.quant import minmax
-from matquant_jax.quant import slicing
 from matquant_jax.quant import validation
+
+
+def _slice_float(q, bits, parent_bits, extra_precision):
+  """S(q, r) on integer-valued float codes; `bits` may be a traced int32 scalar."""
+  r = jnp.asarray(bits, jnp.float32)
+  step = jnp.exp2(parent_bits - r)  # 2^(c−r), exact for integer r
+  idx = jnp.floor(q / step + 0.5)
+  if not extra_precision:
+    idx = jnp.minimum(idx, jnp.exp2(r) - 1)
+  return idx, idx * step
 
 
 def _forward(w, alpha, zero, bits, parent_bits, extra_precision):
   u = w.astype(jnp.float32) / alpha + zero
   q = jnp.clip(minmax.round_half_up(u), 0, 2**parent_bits - 1)
-  qs = slicing.slice_codes(q, bits, parent_bits, extra_precision=extra_precision)
+  _, qs = _slice_float(q, bits, parent_bits, extra_precision)
   return u, q, qs
 
 
@@ -49,20 +59,22 @@ def _in_range(u, q, bits, parent_bits, extra_precision):
   # u = 2^c − 1 + ε after float error and must keep its gradient.
   ru = minmax.round_half_up(u)
   m = (ru >= 0) & (ru <= 2**parent_bits - 1)
-  if not extra_precision and bits < parent_bits:
-    idx = jnp.floor(q / float(2 ** (parent_bits - bits)) + 0.5)
-    m = m & (idx <= 2**bits - 1)
+  if not extra_precision:
+    r = jnp.asarray(bits, jnp.float32)
+    idx = jnp.floor(q / jnp.exp2(parent_bits - r) + 0.5)
+    m = m & (idx <= jnp.exp2(r) - 1)
   return m
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _fake_quant(w, alpha, zero, bits, parent_bits, extra_precision):
   _, _, qs = _forward(w, alpha, zero, bits, parent_bits, extra_precision)
   return (alpha * (qs - zero)).astype(w.dtype)
 
 
 def _fake_quant_fwd(w, alpha, zero, bits, parent_bits, extra_precision):
-  return _fake_quant(w, alpha, zero, bits, parent_bits, extra_precision), (w, alpha, zero)
+  return (_fake_quant(w, alpha, zero, bits, parent_bits, extra_precision),
+          (w, alpha, zero, bits))
 
 
 def _reduce_to(x, shape):
@@ -71,8 +83,8 @@ def _reduce_to(x, shape):
   return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
 
 
-def _fake_quant_bwd(bits, parent_bits, extra_precision, res, g):
-  w, alpha, zero = res
+def _fake_quant_bwd(parent_bits, extra_precision, res, g):
+  w, alpha, zero, bits = res
   u, q, qs = _forward(w, alpha, zero, bits, parent_bits, extra_precision)
   m = _in_range(u, q, bits, parent_bits, extra_precision).astype(jnp.float32)
   g = g.astype(jnp.float32)
@@ -80,16 +92,35 @@ def _fake_quant_bwd(bits, parent_bits, extra_precision, res, g):
   g_w = (g * m).astype(w.dtype)
   g_alpha = _reduce_to(g * ((qs - zero) - m * wf / alpha), jnp.shape(alpha))
   g_zero = _reduce_to(g * (-alpha * (1.0 - m)), jnp.shape(zero))
-  return g_w, g_alpha.astype(jnp.result_type(alpha)), g_zero.astype(jnp.result_type(zero))
+  # The bit-width is an integer: it has no cotangent.
+  g_bits = np.zeros(np.shape(bits), dtype=jax.dtypes.float0)
+  return (g_w, g_alpha.astype(jnp.result_type(alpha)), g_zero.astype(jnp.result_type(zero)),
+          g_bits)
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
+def _bits_operand(bits, parent_bits: int):
+  """A Python int is validated; a traced int is clipped into [1, c] (it cannot be checked)."""
+  if isinstance(bits, jax.core.Tracer) or isinstance(bits, jax.Array):
+    if not jnp.issubdtype(jnp.asarray(bits).dtype, jnp.integer) or jnp.ndim(bits) != 0:
+      raise ValueError(f"a traced bit-width must be an integer scalar, got {bits!r}.")
+    validation.check_bits(parent_bits, "parent_bits")
+    return jnp.clip(jnp.asarray(bits, jnp.int32), 1, parent_bits)
+  bits, _ = validation.check_slice_bits(bits, parent_bits)
+  return np.int32(bits)
+
+
 def fake_quant_with_params(w: jax.Array, alpha: jax.Array, zero: jax.Array, bits: int,
                            parent_bits: int = 8, *, extra_precision: bool = False) -> jax.Array:
-  """ŵ = α·(S(Q(w), r) − z) for given α, z, with the STE backward described above."""
-  bits, parent_bits = validation.check_slice_bits(bits, parent_bits)
+  """ŵ = α·(S(Q(w), r) − z) for given α, z, with the STE backward described above.
+
+  `bits` is a Python int (validated) or a traced int32 scalar, which lets one compiled
+  forward serve every width inside a `lax.scan` over R (see training/objectives.py).
+  """
+  parent_bits = validation.check_bits(parent_bits, "parent_bits")
+  bits = _bits_operand(bits, parent_bits)
   if alpha.ndim != w.ndim or zero.ndim != w.ndim:
     raise ValueError(
         f"alpha/zero must keep the reduced axes as size 1 (rank {w.ndim}); got shapes "
@@ -100,7 +131,7 @@ def fake_quant_with_params(w: jax.Array, alpha: jax.Array, zero: jax.Array, bits
 
 def fake_quant(
     w: jax.Array,
-    bits: int,
+    bits: int | jax.Array,
     parent_bits: int = 8,
     reduce_axes: int | Sequence[int] = 0,
     *,

@@ -155,3 +155,31 @@ def test_bad_inputs():
     fq.fake_quant(_w(), 4, reduce_axes=3)
   with pytest.raises(ValueError, match="keep the reduced axes"):
     fq.fake_quant_with_params(_w(), jnp.ones((16,)), jnp.zeros((16,)), 4)
+
+
+@pytest.mark.parametrize("ep", [False, True])
+def test_traced_bits_equal_static_bits(ep):
+  w = _w((40, 8), seed=11)
+  g = jax.random.normal(jax.random.PRNGKey(3), w.shape)
+
+  def run(bits):
+    out, vjp = jax.vjp(lambda w: fq.fake_quant(w, bits, extra_precision=ep), w)
+    return out, vjp(g)[0]
+
+  traced = jax.jit(run)
+  for r in range(1, 9):
+    want_out, want_g = run(r)
+    got_out, got_g = traced(jnp.int32(r))
+    np.testing.assert_array_equal(got_out, want_out)
+    np.testing.assert_array_equal(got_g, want_g)
+  # One compiled body serves every width inside a scan over R.
+  def body(carry, r):
+    return carry + jnp.sum(fq.fake_quant(w, r, extra_precision=ep)), None
+  total, _ = jax.lax.scan(body, 0.0, jnp.array([8, 4, 2], jnp.int32))
+  want = sum(jnp.sum(fq.fake_quant(w, r, extra_precision=ep)) for r in (8, 4, 2))
+  np.testing.assert_allclose(total, want, rtol=1e-5)
+
+
+def test_traced_bits_must_be_an_integer_scalar():
+  with pytest.raises(ValueError, match="integer scalar"):
+    jax.jit(lambda b: fq.fake_quant(_w(), b))(jnp.float32(4))
