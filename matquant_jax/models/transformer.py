@@ -1,0 +1,232 @@
+"""The decoder-only transformer shared by Gemma-2 and Mistral/Llama (Flax linen).
+
+One module, configured by `TransformerConfig` (config.py, which also pins the parameter tree),
+served at any `PrecisionPlan`: the plan only decides which kernels go through `fake_quant` and at
+which bit-width, so every plan reads the same parameters.
+
+    params = init_params(config, jax.random.key(0))
+    model = Transformer(config, plan=PrecisionPlan.parse("ffn:int4"))
+    logits = model.apply({"params": params}, tokens)                      # [B, T, vocab]
+    cache = init_cache(config, batch=B, max_len=64)
+    logits, cache = model.apply({"params": params}, prompt, positions, segment_ids, cache)
+
+Layers are separate submodules `layer_{i}` (not scanned): their bit-widths differ under
+Mix'n'Match plans, and the released checkpoints are laid out per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from matquant_jax.models import layers
+from matquant_jax.models.config import TransformerConfig
+from matquant_jax.quant.plan import PrecisionPlan
+
+Dtype = Any
+Cache = dict[str, layers.LayerCache]
+
+
+def _layer_quant(plan: PrecisionPlan, layer: int, num_layers: int,
+                 kind: str) -> layers.WeightQuant | None:
+  bits = plan.bits_for(layer, num_layers, kind)
+  if bits is None:
+    return None
+  return layers.WeightQuant(bits=bits, parent_bits=plan.parent_bits,
+                            extra_precision=plan.extra_precision)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """Positions that restart at 0 at the start of every segment.
+
+  Args:
+    segment_ids: [batch, seq] int.
+
+  Returns:
+    [batch, seq] int32; for a single right-padded sequence, arange over the real tokens.
+  """
+  seq = segment_ids.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+      axis=1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class Block(nn.Module):
+  """One decoder layer.
+
+  Gemma-2 (post_norms): `h = x + post_attn_norm(attn(pre_attn_norm(x)))`,
+  `y = h + post_ffw_norm(mlp(pre_ffw_norm(h)))`. Mistral/Llama: the same without post norms.
+
+  Attributes:
+    config: the model configuration.
+    layer: index of this layer (decides local/global attention).
+    attn_quant, ffn_quant: fake-quantization of the attention / FFN kernels, or None.
+    dtype: compute dtype.
+    param_dtype: storage dtype.
+  """
+  config: TransformerConfig
+  layer: int
+  attn_quant: layers.WeightQuant | None = None
+  ffn_quant: layers.WeightQuant | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _norm(self, name: str) -> layers.RMSNorm:
+    return layers.RMSNorm(norm_type=self.config.norm_type, eps=self.config.norm_eps,
+                          param_dtype=self.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: layers.LayerCache | None = None
+               ) -> tuple[jax.Array, layers.LayerCache | None]:
+    """[batch, seq, D] -> ([batch, seq, D], updated layer cache or None)."""
+    cfg = self.config
+    attn_out, cache = layers.Attention(
+        config=cfg, is_local=cfg.is_local(self.layer), quant=self.attn_quant, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="attn")(
+            self._norm("pre_attention_norm")(x), positions, segment_ids, cache)
+    if cfg.post_norms:
+      attn_out = self._norm("post_attention_norm")(attn_out)
+    x = x + attn_out
+    ffw_out = layers.FeedForward(config=cfg, quant=self.ffn_quant, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="mlp")(
+                                     self._norm("pre_ffw_norm")(x))
+    if cfg.post_norms:
+      ffw_out = self._norm("post_ffw_norm")(ffw_out)
+    return x + ffw_out, cache
+
+
+class Transformer(nn.Module):
+  """Decoder-only language model.
+
+  Attributes:
+    config: the architecture.
+    plan: which kernels are fake-quantized at which bit-width; the bf16 plan is the plain model.
+    dtype: compute (activation) dtype.
+    param_dtype: dtype parameters are created in by `init`.
+  """
+  config: TransformerConfig
+  plan: PrecisionPlan = PrecisionPlan.bf16()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache: Cache | None = None
+               ) -> jax.Array | tuple[jax.Array, Cache]:
+    """Logits for every input token.
+
+    Args:
+      tokens: [batch, seq] int32 token ids.
+      positions: [batch, seq] int positions. Default: restart at 0 in every segment. Required
+        with a cache (the positions of the new tokens).
+      segment_ids: [batch, seq] int; tokens attend only within their segment; 0 = padding.
+        Default: all ones. With a cache, every non-padding token of a row must use the same
+        segment id as the row's cached tokens (one sequence per row).
+      cache: from `init_cache` (or a previous call), or None for a plain forward pass. With a
+        cache the call attends to the cached keys plus its own tokens, then stores its tokens:
+        a prompt in one call (prefill), then one token per call.
+
+    Returns:
+      logits [batch, seq, vocab_size] in the compute dtype (final soft-cap applied), and the
+      updated cache when one was given.
+    """
+    cfg = self.config
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+      if cache is not None:
+        raise ValueError("Transformer: pass explicit `positions` with a cache (the positions "
+                         "of the new tokens in their sequences).")
+      positions = positions_from_segments(segment_ids)
+    if cache is not None:
+      missing = [f"layer_{i}" for i in range(cfg.num_layers) if f"layer_{i}" not in cache]
+      if missing:
+        raise ValueError(f"cache has no entry for {', '.join(missing)}; build it with "
+                         f"init_cache(config, batch, max_len).")
+
+    embedder = layers.Embedder(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype,
+                               name="embedder")
+    x = embedder.encode(tokens)
+    new_cache = {} if cache is not None else None
+    for i in range(cfg.num_layers):
+      name = f"layer_{i}"
+      x, layer_cache = Block(
+          config=cfg, layer=i,
+          attn_quant=_layer_quant(self.plan, i, cfg.num_layers, "attn"),
+          ffn_quant=_layer_quant(self.plan, i, cfg.num_layers, "ffn"),
+          dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
+              x, positions, segment_ids, None if cache is None else cache[name])
+      if cache is not None:
+        new_cache[name] = layer_cache
+    x = layers.RMSNorm(norm_type=cfg.norm_type, eps=cfg.norm_eps, param_dtype=self.param_dtype,
+                       name="final_norm")(x)
+
+    if cfg.tie_embeddings:
+      logits = embedder.decode(x)
+    else:
+      logits = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
+              ("embed", "vocab")),
+          name="lm_head")(x)
+    if cfg.final_logit_softcap is not None:
+      cap = cfg.final_logit_softcap
+      logits = jnp.tanh(logits / cap) * cap
+    if cache is None:
+      return logits
+    return logits, new_cache
+
+
+def init_cache(config: TransformerConfig, batch: int, max_len: int,
+               dtype: Dtype = jnp.float32) -> Cache:
+  """An empty KV cache: {'layer_i': {'k', 'v', 'positions', 'segment_ids'}}.
+
+  Global layers get [batch, max_len, K, H] keys/values; sliding-window layers a ring buffer of
+  [batch, min(W, max_len), K, H]. Positions fed with this cache must stay below max_len.
+  """
+  if batch <= 0 or max_len <= 0:
+    raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got {batch}, {max_len}.")
+  return {f"layer_{i}": layers.init_layer_cache(config, i, batch, max_len, dtype)
+          for i in range(config.num_layers)}
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_variables(config: TransformerConfig, dtype: Dtype = jnp.float32):
+  model = Transformer(config, param_dtype=dtype)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), tokens)
+
+
+def init_params(config: TransformerConfig, rng: jax.Array, dtype: Dtype = jnp.float32
+                ) -> dict[str, Any]:
+  """Randomly initialised parameters (the tree of config.py, plain arrays, no 'params' level).
+
+  Use as `Transformer(config, plan).apply({"params": params}, tokens)`.
+  """
+  model = Transformer(config, param_dtype=dtype)
+  init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32)))
+  return nn.meta.unbox(init(rng))["params"]
+
+
+def param_shapes(config: TransformerConfig, dtype: Dtype = jnp.float32) -> dict[str, Any]:
+  """The parameter tree as jax.ShapeDtypeStruct leaves, without allocating anything."""
+  return nn.meta.unbox(_abstract_variables(config, dtype))["params"]
+
+
+def logical_axes(config: TransformerConfig) -> dict[str, Any]:
+  """The parameter tree with a `jax.sharding.PartitionSpec` of logical axis names per leaf."""
+  return nn.get_partition_spec(_abstract_variables(config))["params"]
+
+
+def param_count(config: TransformerConfig) -> int:
+  """Number of parameters (embedding rows beyond the vocabulary included)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config))))
