@@ -81,3 +81,38 @@ def default_config() -> ml_collections.ConfigDict:
   # Device kind used for MFU when the backend's own name is not in the peak-FLOPs table.
   c.peak_flops_per_device = config_dict.placeholder(float)
   return c
+
+
+# The paper's QAT models (spec §6-§7) and their λ family.
+PAPER_MODELS = {"gemma2_2b": "gemma", "gemma2_9b": "gemma", "mistral_7b": "mistral"}
+_PRESET_OF = {"gemma2_2b": "gemma2_2b", "gemma2_9b": "gemma2_9b", "mistral_7b": "mistral_7b_v0_1"}
+
+
+def paper_qat_config(model: str, *, ffn_attn: bool = False) -> ml_collections.ConfigDict:
+  """Spec §6 QAT on C4 for one of the paper's models; the caller picks the objective.
+
+  The paper starts from the released weights, so `init` must be set on the command line
+  (e.g. --config.init=gemma:/ckpts/gemma2-9b or hf:/ckpts/Mistral-7B-v0.1) together with the
+  model's tokenizer (--config.tokenizer=/ckpts/tokenizer.model).
+  """
+  if model not in PAPER_MODELS:
+    raise ValueError(f"unknown paper model {model!r}; choose one of {sorted(PAPER_MODELS)}.")
+  c = default_config()
+  c.model = _PRESET_OF[model]
+  c.init = "required"
+  c.tokenizer = "required"
+  c.objective.family = PAPER_MODELS[model]
+  if ffn_attn:
+    # FFN + Attention runs (spec §5.5): a fixed 300M-token sample, batch 16, one epoch.
+    c.objective.scope = "ffn+attn"
+    c.data.max_tokens = 300_000_000
+  return c
+
+
+def parse_config_arg(arg: str | None, names: tuple[str, ...]) -> dict[str, str]:
+  """'gemma2_9b,int4' -> {'model': 'gemma2_9b', 'bits': 'int4'} for `--config=file.py:arg`."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  if len(parts) != len(names):
+    raise ValueError(f"config argument {arg!r} must be '{','.join(names)}' (e.g. "
+                     f"--config=configs/<file>.py:{','.join(names)}).")
+  return dict(zip(names, parts))

@@ -109,6 +109,11 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
     if num_steps <= 0:
       raise ConfigError(f"config.data.max_tokens={d.max_tokens} is less than one batch "
                         f"({d.global_batch_size}×{d.seq_len} tokens).")
+  if not config.aot_only:
+    for f, example in (("init", "gemma:/ckpts/gemma2-9b"), ("tokenizer", "/ckpts/tokenizer.model")):
+      if config[f] == "required":
+        raise ConfigError(f"config.{f} must be set for this experiment, e.g. "
+                          f"--config.{f}={example} (only --config.aot_only=True runs without it).")
   for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[f] <= 0:
       raise ConfigError(f"config.{f}={config[f]} must be positive.")
