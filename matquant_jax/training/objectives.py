@@ -233,59 +233,65 @@ def distillation(student: jax.Array, teacher: jax.Array, mask: jax.Array, kind: 
   return jnp.sum(per_tok * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-ApplyFn = Callable[[object, Mapping[str, jax.Array], PrecisionPlan], jax.Array]
+ApplyFn = Callable[[object, Mapping[str, jax.Array], "int | jax.Array | None"], jax.Array]
 
 
 def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mapping[str, jax.Array],
-                   *, sequential: bool = True):
+                   *, scan: bool = True):
   """Total loss, its gradient and per-bit-width metrics for one batch.
 
-  Each bit-width's forward and backward run one after another (`sequential`): an
-  optimization barrier makes the next width's forward wait for the previous width's gradients,
-  so XLA frees one width's activations before the next is computed and the step's peak memory
-  stays near that of a single-precision QAT step. Teachers run first; with
-  `stop_teacher_grad=False` the teacher's share of the distillation gradient is applied with
-  one extra teacher forward (its VJP) at the end instead of keeping its activations alive.
+  `apply_fn(params, batch, bits)` returns logits [B, T, V] of the model with the objective's
+  kernels fake-quantized at `bits` (a Python int, a traced int32 scalar, or None for the
+  unquantized model), sliced from `objective.parent_bits` codes, extra precision as configured.
+
+  With `scan` (the default for more than one width) the widths run as a `lax.scan` over a
+  traced bit-width: one compiled forward/backward serves them all and XLA reuses one width's
+  activation buffers for the next, so a MatQuant step's peak memory stays near that of a
+  single-precision QAT step. (An optimization barrier between unrolled widths does not achieve
+  this: XLA keeps every width's activations alive.) Teachers run first and hand their logits
+  to later widths through the scan carry; with `stop_teacher_grad=False` the teacher's share
+  of the distillation gradient is applied by one extra teacher VJP after the scan, instead of
+  keeping its activations alive. `scan=False` unrolls the widths in Python (the reference).
 
   Args:
     objective: from make_objective.
-    apply_fn: (params, batch, plan) -> logits [B, T, V].
+    apply_fn: see above.
     params: the trainable pytree.
     batch: 'inputs', 'targets' [B, T] int32, 'loss_mask' [B, T] (plus whatever apply_fn reads).
 
   Returns:
-    (loss, grads, metrics): metrics has 'loss', 'ce_int{r}' per ground-truth width and
+    (loss, grads, metrics): metrics has 'loss', 'ce_int{r}' for every width (the plain
+    cross-entropy of that slice, also for widths trained only by distillation) and
     'distill_int{t}_int{s}' per distillation pair.
   """
   mask = batch["loss_mask"].astype(jnp.float32)
   targets = batch["targets"]
-  metrics = {}
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
 
   if objective.method == "bf16":
     def bf16_loss(p):
-      return cross_entropy(apply_fn(p, batch, objective.plan_for(None)), targets, mask)
+      return cross_entropy(apply_fn(p, batch, None), targets, mask)
     loss, grads = jax.value_and_grad(bf16_loss)(params)
     return loss, grads, {"loss": loss, "ce_bf16": loss}
+  if scan and len(objective.bits) > 1 and len(objective.teachers) <= 1:
+    return _scanned(objective, apply_fn, params, batch, mask, targets)
+  return _unrolled(objective, apply_fn, params, batch, mask, targets)
 
-  grads = zeros
+
+def _unrolled(objective, apply_fn, params, batch, mask, targets):
+  metrics = {}
+  grads = jax.tree_util.tree_map(jnp.zeros_like, params)
   total = jnp.zeros((), jnp.float32)
   teacher_logits: dict[int, jax.Array] = {}
   teacher_cotangent: dict[int, jax.Array] = {}
   for r in objective.bits:
     lam = objective.weight(r)
-    plan = objective.plan_for(r)
     teachers_of_r = [t for t, s in objective.distill if s == r]
     has_gt = r in objective.ground_truth
-    is_teacher = r in objective.teachers
 
-    def loss_r(p, t_logits, plan=plan, lam=lam, has_gt=has_gt, teachers_of_r=teachers_of_r):
-      logits = apply_fn(p, batch, plan)
-      parts = {}
-      loss = jnp.zeros((), jnp.float32)
-      if has_gt:
-        parts[f"ce_int{r}"] = cross_entropy(logits, targets, mask)
-        loss = loss + parts[f"ce_int{r}"]
+    def loss_r(p, t_logits, r=r, lam=lam, has_gt=has_gt, teachers_of_r=teachers_of_r):
+      logits = apply_fn(p, batch, r)
+      parts = {f"ce_int{r}": cross_entropy(logits, targets, mask)}
+      loss = parts[f"ce_int{r}"] if has_gt else jnp.zeros((), jnp.float32)
       for t in teachers_of_r:
         tl = t_logits[t]
         if objective.stop_teacher_grad:
@@ -303,16 +309,76 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
     if not objective.stop_teacher_grad:
       for t, g in g_t.items():
         teacher_cotangent[t] = teacher_cotangent.get(t, 0.0) + g
-    if is_teacher:
+    if r in objective.teachers:
       teacher_logits[r] = jax.lax.stop_gradient(logits)
-    if sequential:
-      params, grads, teacher_logits = jax.lax.optimization_barrier((params, grads, teacher_logits))
+  grads = _add_teacher_grads(objective, apply_fn, params, batch, grads, teacher_cotangent,
+                             teacher_logits)
+  metrics["loss"] = total
+  return total, grads, metrics
 
-  # The teachers' share of the distillation gradient (only when it is not stopped).
-  for t, cot in teacher_cotangent.items():
-    _, vjp = jax.vjp(lambda p, t=t: apply_fn(p, batch, objective.plan_for(t)), params)
+
+def _add_teacher_grads(objective, apply_fn, params, batch, grads, cotangents, teacher_logits):
+  """The teachers' share of the distillation gradient (only when it is not stopped)."""
+  for t, cot in cotangents.items():
+    _, vjp = jax.vjp(lambda p, t=t: apply_fn(p, batch, t), params)
     (g_p,) = vjp(cot.astype(teacher_logits[t].dtype))
     grads = jax.tree_util.tree_map(jnp.add, grads, g_p)
+  return grads
 
-  metrics["loss"] = total
+
+def _scanned(objective, apply_fn, params, batch, mask, targets):
+  bits = objective.bits
+  teacher = objective.teachers[0] if objective.teachers else None
+  students = {s for _, s in objective.distill}
+  xs = {
+      "bits": jnp.asarray(bits, jnp.int32),
+      "lam": jnp.asarray(objective.weights, jnp.float32),
+      "gt": jnp.asarray([float(r in objective.ground_truth) for r in bits], jnp.float32),
+      "dist": jnp.asarray([float(r in students) for r in bits], jnp.float32),
+      "is_teacher": jnp.asarray([r == teacher for r in bits]),
+  }
+  if teacher is not None:
+    # The teacher's logits, as the students will see them (shape and dtype of the model's).
+    t_shape = jax.eval_shape(lambda p: apply_fn(p, batch, bits[0]), params)
+    t_init = jnp.zeros(t_shape.shape, t_shape.dtype)
+  else:
+    t_init = None
+
+  def body(carry, x):
+    grads, total, t_logits, t_cot = carry
+
+    def loss_fn(p, tl):
+      logits = apply_fn(p, batch, x["bits"])
+      ce = cross_entropy(logits, targets, mask)
+      loss = x["gt"] * ce
+      d = jnp.zeros((), jnp.float32)
+      if tl is not None:
+        t_used = jax.lax.stop_gradient(tl) if objective.stop_teacher_grad else tl
+        d = jax.lax.cond(x["dist"] > 0,
+                         lambda: distillation(logits, t_used, mask, objective.distill_loss),
+                         lambda: jnp.zeros((), jnp.float32))
+        loss = loss + x["dist"] * d
+      return x["lam"] * loss, (ce, d, logits)
+
+    (loss, (ce, d, logits)), (g_p, g_t) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, t_logits)
+    grads = jax.tree_util.tree_map(jnp.add, grads, g_p)
+    if t_logits is not None:
+      if not objective.stop_teacher_grad:
+        t_cot = t_cot + g_t
+      t_logits = jnp.where(x["is_teacher"], jax.lax.stop_gradient(logits), t_logits)
+    return (grads, total + loss, t_logits, t_cot), (ce, d)
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  t_cot0 = None if t_init is None or objective.stop_teacher_grad else jnp.zeros_like(t_init)
+  (grads, total, t_logits, t_cot), (ces, ds) = jax.lax.scan(
+      body, (zeros, jnp.zeros((), jnp.float32), t_init, t_cot0), xs)
+  if t_cot is not None:
+    grads = _add_teacher_grads(objective, apply_fn, params, batch, grads, {teacher: t_cot},
+                               {teacher: t_logits})
+  metrics = {"loss": total}
+  for i, r in enumerate(bits):
+    metrics[f"ce_int{r}"] = ces[i]
+    if r in students:
+      metrics[f"distill_int{teacher}_int{r}"] = ds[i]
   return total, grads, metrics

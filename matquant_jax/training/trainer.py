@@ -29,6 +29,7 @@ from flax import struct
 
 from matquant_jax.models import config as model_config_lib
 from matquant_jax.models import transformer as transformer_lib
+from matquant_jax.quant import fake_quant as fake_quant_lib
 from matquant_jax.quant.plan import Scope
 from matquant_jax.training import metrics as metrics_lib
 from matquant_jax.training import objectives as objectives_lib
@@ -123,9 +124,35 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
                train_scope=config.train_scope)
 
 
-def make_apply_fn(model: model_config_lib.TransformerConfig, compute_dtype):
-  def apply_fn(params, batch, plan):
-    module = transformer_lib.Transformer(model, plan=plan, dtype=compute_dtype)
+def fake_quant_params(params, objective: objectives_lib.Objective, bits):
+  """The param tree with every kernel in the objective's scope fake-quantized at `bits`.
+
+  `bits` may be traced (the objective's scan over widths). Running the model's bf16 plan on
+  these params is the same computation as running it with a uniform plan at `bits`: the
+  model applies the same `fake_quant` to the same kernels just before their matmul.
+  """
+  kinds = {Scope.FFN: model_config_lib.FFN_KERNELS, Scope.ATTN: model_config_lib.ATTN_KERNELS,
+           Scope.FFN_ATTN: model_config_lib.FFN_KERNELS + model_config_lib.ATTN_KERNELS}
+  names = kinds[objective.scope]
+
+  def one(path, w):
+    keys = [getattr(k, "key", None) for k in path]
+    if len(keys) >= 2 and keys[0].startswith("layer_") and keys[-2] in names:
+      return fake_quant_lib.fake_quant(w, bits, objective.parent_bits,
+                                       model_config_lib.QUANT_REDUCE_AXES[keys[-2]],
+                                       extra_precision=objective.extra_precision)
+    return w
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_dtype):
+  """(params, batch, bits) -> logits, for objectives.loss_and_grads."""
+  module = transformer_lib.Transformer(model, dtype=compute_dtype)
+
+  def apply_fn(params, batch, bits):
+    if bits is not None:
+      params = fake_quant_params(params, objective, bits)
     return module.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
                         segment_ids=batch.get("segment_ids"))
   return apply_fn
@@ -153,7 +180,7 @@ def make_optimizer(config, setup: Setup):
 
 def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
   """The (unjitted) step: (state, batch) -> (state, metrics)."""
-  apply_fn = make_apply_fn(setup.model, setup.compute_dtype)
+  apply_fn = make_apply_fn(setup.model, setup.objective, setup.compute_dtype)
 
   def step(state: TrainState, batch):
     loss, grads, metrics = objectives_lib.loss_and_grads(setup.objective, apply_fn,
