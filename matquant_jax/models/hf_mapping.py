@@ -416,7 +416,8 @@ def config_from_hf_config(d: Mapping[str, Any], *, name: str | None = None,
   act = d.get("hidden_act", "silu")
   if act != "silu":
     raise ValueError(f"{model_type} hidden_act {act!r} is not supported (SiLU only).")
-  window = d.get("sliding_window") if model_type == _MISTRAL else None
+  # MistralConfig (4.x and 5.x) defaults an absent sliding_window to 4096; null means none.
+  window = d.get("sliding_window", 4096) if model_type == _MISTRAL else None
   if model_type == _MISTRAL and d.get("layer_types") is not None:
     if any(t != "full_attention" for t in d["layer_types"]) and window is None:
       raise ValueError(f"layer_types {d['layer_types']} need a sliding_window.")

@@ -87,6 +87,10 @@ def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: float |
   return jax.lax.cond(temperature > 0, sample, lambda _: greedy, logits)
 
 
+# The model is a static argument (linen modules hash by their fields): every Sampler over the
+# same config, plan and dtype shares one compiled program per shape.
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "return_logits",
+                                             "cache_dtype"))
 def _generate(model: transformer.Transformer, params, prompts, lengths, rng, temperature, top_k,
               top_p, eos_ids, *, max_new_tokens: int, return_logits: bool, cache_dtype: Dtype):
   cfg = model.config
@@ -148,9 +152,6 @@ class Sampler:
     self.dtype = dtype
     self.cache_dtype = cache_dtype or dtype
     self.model = transformer.Transformer(config, plan=plan, dtype=dtype)
-    self._generate = jax.jit(
-        functools.partial(_generate, self.model),
-        static_argnames=("max_new_tokens", "return_logits", "cache_dtype"))
 
   def __call__(self, params, prompts: jax.Array, prompt_lengths: jax.Array | None = None, *,
                max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -200,8 +201,8 @@ class Sampler:
     eos_ids = jnp.asarray(tuple(int(e) for e in eos_ids) or (-1,), jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
     # Sampling settings are traced: changing them does not recompile.
-    return self._generate(
-        params, prompts, prompt_lengths, rng, jnp.float32(temperature),
+    return _generate(
+        self.model, params, prompts, prompt_lengths, rng, jnp.float32(temperature),
         jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p), eos_ids,
         max_new_tokens=int(max_new_tokens), return_logits=bool(return_logits),
         cache_dtype=self.cache_dtype)
