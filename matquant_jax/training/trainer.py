@@ -204,8 +204,12 @@ def state_shardings(setup: Setup, tx):
       transformer_lib.logical_axes(setup.model), shapes, setup.mesh)
   abstract = jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh), shapes, p_shard)
-  opt_shard = jax.jit(tx.init).lower(abstract).compile().output_shardings
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+  # XLA propagates the params' shardings into the moments; scalars (Adam's count) come back
+  # on one device and must live on the mesh like everything else.
+  opt_shard = jax.tree_util.tree_map(
+      lambda sh: sh if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == setup.mesh
+      else replicated, jax.jit(tx.init).lower(abstract).compile().output_shardings)
   return TrainState(step=replicated, params=p_shard, opt_state=opt_shard), abstract, notes
 
 

@@ -1,0 +1,232 @@
+"""The training loop: validation before compilation, learning, NaN stop, resume after SIGKILL,
+export that restores in a fresh process on another device count, sharded == unsharded."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from matquant_jax.training import trainer
+from matquant_jax.training.config import default_config
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def tiny_config(**overrides):
+  c = default_config()
+  c.model = "tiny_gemma2"
+  c.tokenizer = "train:512"
+  c.data.source = "kjv"
+  c.data.seq_len = 32
+  c.data.global_batch_size = 8
+  c.data.num_epochs = 0
+  c.data.max_tokens = 0
+  c.num_steps = 12
+  c.optimizer.peak_lr = 3e-3
+  c.optimizer.warmup_steps = 2
+  c.compute_dtype = "float32"
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 4
+  c.mesh.data = -1
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _devices(n=1):
+  return jax.devices()[:n]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model": "gemma3_1b"}, "unknown model"),
+    ({"objective.method": "qat"}, "unknown objective method"),
+    ({"objective.codistill": "[8,4,2->8]"}, "more bits than its student"),
+    ({"compute_dtype": "fp8"}, "compute_dtype"),
+    ({"mesh.data": 8, "data.global_batch_size": 12}, "not divisible by the 8 data-parallel"),
+    ({"mesh.data": 3}, "mesh"),
+    ({"num_steps": 0}, "max_tokens"),
+    ({"init": "required"}, "config.init must be set"),
+    ({"train_scope": "norms"}, "train_scope"),
+])
+def test_bad_configs_fail_before_compilation(overrides, match):
+  c = tiny_config(**overrides)
+  with pytest.raises(trainer.ConfigError, match=match):
+    trainer.resolve(c, devices=jax.devices()[:8])
+
+
+def test_cli_rejects_unknown_and_ill_typed_overrides(tmp_path):
+  for flag, needle in (("--config.num_stepz=3", "num_stepz"),
+                       ("--config.num_steps=three", "num_steps")):
+    r = subprocess.run([sys.executable, "-m", "matquant_jax.train", "--config=configs/tiny_qat.py",
+                        f"--workdir={tmp_path}", flag], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0
+    assert needle in r.stderr
+
+
+def _read_metrics(workdir):
+  return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_training_learns_and_exports(tmp_path):
+  summary = trainer.train(tiny_config(num_steps=30, log_every_steps=5), tmp_path)
+  m = _read_metrics(tmp_path)
+  assert m[-1]["loss"] < m[0]["loss"] - 0.5
+  for r in (8, 4, 2):
+    assert m[-1][f"ce_int{r}"] < m[0][f"ce_int{r}"]
+  assert {"grad_norm", "learning_rate", "tokens_per_s"} <= set(m[-1])
+  assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+  assert summary["steps"] == 30 and pathlib.Path(summary["export"]).is_dir()
+  assert (tmp_path / "matquant_int8" / "metadata.json").exists()
+
+
+def test_nan_stops_training_naming_the_step(tmp_path, monkeypatch):
+  original = trainer.build_train_step
+
+  def poisoned(setup, tx, schedule):
+    step = original(setup, tx, schedule)
+
+    def s(state, batch):
+      new, m = step(state, batch)
+      bad = state.step == 2
+      m["loss"] = jnp.where(bad, jnp.nan, m["loss"])
+      m["finite"] = m["finite"] & ~bad
+      return new, m
+    return s
+
+  monkeypatch.setattr(trainer, "build_train_step", poisoned)
+  with pytest.raises(FloatingPointError, match="diverged at step 3"):
+    trainer.train(tiny_config(num_steps=8, checkpoint_every_steps=100), tmp_path)
+  assert not (tmp_path / "final_params").exists()
+
+
+def _train_cmd(workdir, steps):
+  return [sys.executable, "-m", "matquant_jax.train", "--config=configs/tiny_qat.py",
+          f"--workdir={workdir}", f"--config.num_steps={steps}", "--config.data.seq_len=32",
+          "--config.data.global_batch_size=8", "--config.log_every_steps=5",
+          "--config.checkpoint_every_steps=5", "--config.optimizer.warmup_steps=2",
+          "--config.export=False"]
+
+
+def _final_params(workdir):
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore((pathlib.Path(workdir) / "final_params").absolute())
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  steps = 40
+  a, b = tmp_path / "a", tmp_path / "b"
+  # The shared tokenizer keeps both runs on identical token ids without training it twice.
+  subprocess.run(_train_cmd(a, steps), cwd=REPO, env=env, check=True, capture_output=True,
+                 timeout=300)
+  b.mkdir()
+  (b / "tokenizer.model").write_bytes((a / "tokenizer.model").read_bytes())
+  proc = subprocess.Popen(_train_cmd(b, steps), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (b / "checkpoints" / "10").exists() and time.time() < deadline:
+    time.sleep(0.01)
+  alive = proc.poll() is None
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert alive, "the run finished before it could be killed"
+  assert not (b / "final_params").exists()
+  subprocess.run(_train_cmd(b, steps), cwd=REPO, env=env, check=True, capture_output=True,
+                 timeout=300)
+  pa, pb = _final_params(a), _final_params(b)
+  for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_export_restores_and_slices_in_a_fresh_process_on_8_devices(tmp_path):
+  trainer.train(tiny_config(num_steps=4), tmp_path)
+  script = f"""
+import jax, jax.numpy as jnp, numpy as np, orbax.checkpoint as ocp
+from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
+from matquant_jax.models import transformer
+from matquant_jax.quant.plan import PrecisionPlan
+from matquant_jax.training import sharding, trainer, objectives
+assert jax.device_count() == 8
+ck = MatQuantCheckpoint.load({str(tmp_path / 'matquant_int8')!r})
+cfg = ck.config
+mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+sh, _ = sharding.param_shardings(transformer.logical_axes(cfg), transformer.param_shapes(cfg), mesh)
+flat = {{}}
+def walk(prefix, node):
+  for k, v in node.items():
+    walk(prefix + k + '/', v) if isinstance(v, dict) else flat.__setitem__(prefix + k, v)
+walk('', sh)
+ck8 = MatQuantCheckpoint.load({str(tmp_path / 'matquant_int8')!r}, shardings=flat)
+q = ck8.qtensors['layer_1/mlp/linear/w']
+assert q.codes.sharding.num_devices == 8, q.codes.sharding
+final = ocp.StandardCheckpointer().restore({str((tmp_path / 'final_params').absolute())!r})
+obj = objectives.make_objective('matquant')
+for plan, bits in (('ffn:int8', 8), ('ffn:int4', 4), ('ffn:int2', 2)):
+  p = ck8.params_for(PrecisionPlan.parse(plan), jnp.float32)
+  want = trainer.fake_quant_params(final, obj, bits)
+  np.testing.assert_array_equal(np.asarray(p['layer_1']['mlp']['linear']['w']),
+                                np.asarray(want['layer_1']['mlp']['linear']['w']))
+  np.testing.assert_array_equal(np.asarray(p['layer_0']['attn']['q_einsum']['w']),
+                                np.asarray(final['layer_0']['attn']['q_einsum']['w']).astype(jnp.bfloat16).astype(np.float32))
+p = ck8.params_for(PrecisionPlan.parse('ffn:pyramid@3.0'))
+print('OK', ck8.effective_bits(PrecisionPlan.parse('ffn:int2:ep')))
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "OK 2." in r.stdout
+  # About one byte per quantized weight on disk.
+  arrays = tmp_path / "matquant_int8" / "arrays"
+  disk = sum(f.stat().st_size for f in arrays.rglob("*") if f.is_file())
+  from matquant_jax.models import config as mc
+  cfg = mc.get_config("tiny_gemma2")
+  n_q = cfg.num_layers * 3 * cfg.embed_dim * cfg.hidden_dim
+  n_f = sum(int(np.prod(s)) for s in jax.tree_util.tree_leaves(
+      jax.tree_util.tree_map(lambda x: x.shape, __import__("matquant_jax.models.transformer",
+                                                           fromlist=["x"]).param_shapes(cfg)),
+      is_leaf=lambda x: isinstance(x, tuple))) - n_q
+  assert disk < 1.3 * (n_q + 2 * n_f) + 200_000
+
+
+def test_sharded_step_equals_single_device(tmp_path):
+  batch = None
+  results = []
+  for mesh in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+    c = tiny_config(**{f"mesh.{k}": v for k, v in mesh.items()})
+    devices = jax.devices()[:int(np.prod(list(mesh.values())))]
+    setup = trainer.resolve(c, devices=devices)
+    tx, schedule = trainer.make_optimizer(c, setup)
+    jitted, _, shardings, _ = trainer.compile_step(setup, tx, schedule)
+    params = trainer.initial_params(c, setup, shardings.params, jax.random.key(0))
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    state = trainer.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                               params=params, opt_state=opt_state)
+    if batch is None:
+      rng = np.random.default_rng(0)
+      batch = {"inputs": rng.integers(0, 512, (8, 32)).astype(np.int32),
+               "targets": rng.integers(0, 512, (8, 32)).astype(np.int32),
+               "segment_ids": np.ones((8, 32), np.int32),
+               "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1)),
+               "loss_mask": np.ones((8, 32), np.float32)}
+    from matquant_jax.training import sharding as sh
+    for _ in range(2):
+      state, m = jitted(state, trainer._to_global(batch, sh.batch_sharding(setup.mesh)))
+    results.append((jax.device_get(state.params), float(m["loss"])))
+  (p1, l1), (p8, l8) = results
+  assert l1 == pytest.approx(l8, rel=1e-5)
+  for x, y in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
