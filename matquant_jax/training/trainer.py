@@ -367,6 +367,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   for n in notes[:5]:
     log.text(f"  sharding note: {n}")
   if config.aot_only:
+    # XLA compiles for the devices this process sees: a TPU topology can only be targeted from
+    # a machine with libtpu, so on a pod this mode runs on the workers (launch/tpu_pod.sh aot).
+    log.text(f"aot_only: compiled for the local {jax.device_count()} {jax.default_backend()} "
+             f"device(s), mesh {dict(setup.mesh.shape)}; memory per device: " +
+             ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in mem.items()))
     log.close()
     return {"aot_only": True, "memory": mem}
 

@@ -76,6 +76,14 @@ def test_cli_rejects_unknown_and_ill_typed_overrides(tmp_path):
     assert needle in r.stderr
 
 
+def test_aot_only_compiles_without_weights_or_data(tmp_path, capsys):
+  c = tiny_config(init="required", tokenizer="required", aot_only=True)
+  summary = trainer.train(c, tmp_path)
+  assert summary["aot_only"] and summary["memory"]["peak_estimate_bytes"] > 0
+  assert "aot_only: compiled for the local 8 cpu device(s)" in capsys.readouterr().out
+  assert not (tmp_path / "checkpoints").exists()
+
+
 def _read_metrics(workdir):
   return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
