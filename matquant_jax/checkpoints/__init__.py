@@ -8,3 +8,5 @@ from matquant_jax.checkpoints.mistral_consolidated import load_mistral_consolida
 from matquant_jax.checkpoints.mistral_consolidated import save_mistral_consolidated
 from matquant_jax.checkpoints.safetensors_io import load_hf_checkpoint
 from matquant_jax.checkpoints.safetensors_io import save_hf_checkpoint
+from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
+from matquant_jax.checkpoints.matquant_checkpoint import export_matquant_checkpoint
