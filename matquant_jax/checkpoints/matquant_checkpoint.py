@@ -76,10 +76,17 @@ def export_matquant_checkpoint(
     float_dtype: Any = jnp.bfloat16,
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    clipping: Mapping[str, tuple[Any, Any]] | None = None,
 ) -> pathlib.Path:
   """Quantizes `params` to c-bit codes (kernels in `scope`) and writes the checkpoint.
 
   Kernels are quantized one at a time, so peak memory is the params plus one kernel's codes.
+
+  `clipping` (optional) maps a quantized kernel's '/'-path (e.g. 'layer_0/mlp/linear/w') to
+  the Learnable Weight Clipping factors (γ, β) in (0, 1), shaped like that kernel's α (reduced
+  axes of size 1), as OmniQuant calibration learns them (matquant_jax.calibration): the codes,
+  α and z are then those of Q_Omni (spec Eq. 3) instead of plain MinMax. Kernels not listed
+  use plain MinMax. The stored format is unchanged: α and z already carry the clipping.
   """
   path = pathlib.Path(path)
   scope = Scope(scope) if not isinstance(scope, Scope) else scope
@@ -90,12 +97,19 @@ def export_matquant_checkpoint(
       raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path.")
     shutil.rmtree(path)
   qpaths = set(quantized_paths(config, scope))
+  clipping = dict(clipping or {})
+  unknown = sorted(set(clipping) - qpaths)
+  if unknown:
+    raise ValueError(f"clipping names kernels that scope {scope.value!r} does not quantize for "
+                     f"model {config.name!r}: {unknown[:5]}; keys are quantized param paths "
+                     f"such as 'layer_0/mlp/linear/w'.")
   flat = _common.flatten_tree(params)
   quantized, floats = {}, {}
   for name, w in flat.items():
     if name in qpaths:
       axes = QUANT_REDUCE_AXES[name.split("/")[-2]]
-      qt = _quantize(w, parent_bits, axes, round_zero)
+      gamma, beta = clipping.get(name, (None, None))
+      qt = _quantize(w, parent_bits, axes, round_zero, gamma, beta)
       quantized[name] = {"codes": qt.codes, "scale": qt.scale, "zero": qt.zero}
     else:
       floats[name] = jnp.asarray(w).astype(float_dtype)
@@ -123,12 +137,21 @@ def export_matquant_checkpoint(
 _QUANTIZE_CACHE: dict = {}
 
 
-def _quantize(w, bits, axes, round_zero) -> QTensor:
-  key = (bits, tuple(axes), round_zero)
+def _quantize(w, bits, axes, round_zero, gamma=None, beta=None) -> QTensor:
+  clipped = gamma is not None or beta is not None
+  key = (bits, tuple(axes), round_zero, clipped)
   fn = _QUANTIZE_CACHE.get(key)
   if fn is None:
-    fn = jax.jit(lambda w: QTensor.quantize(w, bits, axes, round_zero=round_zero))
+    if clipped:
+      fn = jax.jit(lambda w, g, b: QTensor.quantize(w, bits, axes, round_zero=round_zero,
+                                                    gamma=g, beta=b))
+    else:
+      fn = jax.jit(lambda w: QTensor.quantize(w, bits, axes, round_zero=round_zero))
     _QUANTIZE_CACHE[key] = fn
+  if clipped:
+    one = np.ones((), np.float32)
+    return fn(jnp.asarray(w), jnp.asarray(one if gamma is None else gamma, jnp.float32),
+              jnp.asarray(one if beta is None else beta, jnp.float32))
   return fn(jnp.asarray(w))
 
 

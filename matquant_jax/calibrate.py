@@ -1,0 +1,62 @@
+"""Command line: OmniQuant-based MatQuant calibration (or a baseline) from an experiment config.
+
+    python -m matquant_jax.calibrate --config=configs/tiny_omniquant.py [--workdir=runs/x] \
+        [--config.calibration.steps_per_block=200 --config.objective.method=baseline \
+         --config.objective.bits=(2,)]
+    python -m matquant_jax.calibrate --config=configs/omniquant_matquant.py:gemma2_9b \
+        --config.init=gemma:/ckpts/gemma2-9b --config.tokenizer=/ckpts/tokenizer.model
+
+Progress is printed per block (reconstruction error per bit-width: plain MinMax, initial and
+calibrated) and logged to <workdir>/tensorboard and <workdir>/metrics.jsonl. Rerunning the same
+command resumes after the last finished block. `--config.aot_only=True` compiles one block step
+for this host's devices and prints the memory budget without loading weights or data. The
+result is <workdir>/matquant_int8, the same int8 MatQuant checkpoint QAT exports.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/omniquant_*.py, configs/tiny_omniquant.py) "
+    "with --config.<field>=<value> overrides.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where per-block results, logs and the export go (default: "
+    "runs/<config name>).")
+
+
+def main(argv) -> int:
+  del argv
+  import jax
+  from matquant_jax.calibration import config as config_lib
+  from matquant_jax.calibration import pipeline
+  from matquant_jax.training import trainer
+  config = _CONFIG.value
+  if config is None:
+    print("error: pass --config=configs/<experiment>.py", file=sys.stderr)
+    return 2
+  workdir = _WORKDIR.value or str(pathlib.Path("runs") / pathlib.Path(
+      config_flags.get_config_filename(flags.FLAGS["config"])).stem)
+  try:
+    summary = pipeline.run(config, workdir)
+  except (config_lib.ConfigError, trainer.ConfigError) as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+  except FloatingPointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+  if jax.process_index() == 0:
+    print(json.dumps({"workdir": workdir, **{k: v for k, v in summary.items()
+                                             if k not in ("memory", "block_metrics")}},
+                     default=str))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,281 @@
+"""OmniQuant's learnable parameters for one block: LWC clipping and the equivalent transform.
+
+What is learned per layer (spec §3, Eq. 3-5), everything else frozen:
+
+    lwc/<module>/<kernel>/{gamma, beta}   logits, shaped like the kernel's α ([2, 1, F] for
+                                          gating_einsum, [1, D] for linear, ...): one clipping
+                                          pair per output channel per quantized kernel;
+                                          γ = σ(gamma), β = σ(beta) (minmax.lwc_factor)
+    let/ffn_in    [D]     log s of the FFN input channels   (gate and up projections)
+    let/ffn_mid   [F]     log s of the down projection's input channels
+    let/attn_in   [D]     log s of the q/k/v input channels          (only when attention is
+    let/attn_out  [K, H]  log s of the output projection's input     quantized)
+
+Initialisation: LWC logits at OmniQuant's 4.0 (σ(4) ≈ 0.982, almost no clipping at first;
+`minmax.LWC_INIT_LOGIT`); LET log-scales at 0 (s = 1, the identity). s = exp(log s) keeps every
+scale positive whatever the optimizer does (OmniQuant stores s directly; with Adam at lr 1e-3
+over ~1200 steps a raw scale could cross zero).
+
+LET placement (`let` option; the paper's Eq. 4 has a shift δ and a scale s, but says nothing
+about gated FFNs, and our architectures have no biases):
+
+  "scale" (default) — a scale-only equivalent transform, folded exactly into existing weights:
+    * FFN input: y = (x̂ ⊙ (1+g)) W  = ((x̂ ⊙ (1+g)) ⊘ s)(s ⊙ W) for both gate and up
+      (they read the same normed x), folded into the pre-FFN RMSNorm scale — (1+g)/s − 1 for
+      Gemma's ZERO_CENTERED norm, g/s for a PLAIN norm — and into the rows of gating_einsum.
+    * Down projection input: act(x W_gate) ⊙ (x W_up) is linear in the up projection's output,
+      so h ⊘ s is obtained by dividing up's output columns (gating_einsum[1]) by s, and the
+      down projection's rows (linear) are multiplied by s. The gate column cannot carry it
+      (GELU/SiLU are not homogeneous), which fixes the placement for GeGLU and SwiGLU alike.
+    * Attention (scope ffn+attn): the input scale folds into the pre-attention norm and the
+      rows of q_einsum and kv_einsum; the output projection's input (per (kv head, head_dim))
+      folds into the value columns (kv_einsum[1]) and the rows of attn_vec_einsum, shared by
+      the G query heads of a KV group (probs·V is linear in V). No q/k scale: RoPE mixes
+      dimension i with i + H/2, and weight-only quantization gains nothing from it.
+  "none" — LWC only.
+  The shift δ is deliberately not implemented: folding it needs an output bias (b + δW) that
+  neither Gemma-2 nor Mistral has, so it would change the released parameter tree and every
+  downstream loader. A scale-only LET keeps the exported model architecture-identical.
+
+All folds are exact in real arithmetic; in float32 they agree to rounding (tests check it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from matquant_jax.models.config import NormType
+from matquant_jax.models.config import QUANT_REDUCE_AXES
+from matquant_jax.models.config import TransformerConfig
+from matquant_jax.quant import fake_quant as fake_quant_lib
+from matquant_jax.quant import minmax
+from matquant_jax.quant.plan import Scope
+
+LET_MODES = ("scale", "none")
+
+# (module, kernel) of every quantizable kernel, per scope; the block param path is
+# <module>/<kernel>/w.
+FFN_KERNEL_PATHS = (("mlp", "gating_einsum"), ("mlp", "linear"))
+ATTN_KERNEL_PATHS = (("attn", "q_einsum"), ("attn", "kv_einsum"), ("attn", "attn_vec_einsum"))
+
+# A logit whose sigmoid is exactly 1.0 in float32: LWC "off" (plain MinMax) without a
+# separate code path or compilation.
+NO_CLIP_LOGIT = 40.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibOptions:
+  """Static options of the learnable quantizer of a block (hashable: a jit cache key).
+
+  Attributes:
+    scope: which kernels are quantized (and get LWC/LET): Scope.FFN (paper) or FFN_ATTN.
+    lwc: learn the clipping factors γ, β (Eq. 3); False keeps plain MinMax.
+    lwc_init_logit: their initial logit (σ(4) ≈ 0.982, OmniQuant's init).
+    let: "scale" (default) or "none", see the module docstring.
+    round_zero: round the zero point (OmniQuant) instead of the paper's unrounded z.
+  """
+  scope: Scope = Scope.FFN
+  lwc: bool = True
+  lwc_init_logit: float = minmax.LWC_INIT_LOGIT
+  let: str = "scale"
+  round_zero: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.scope, Scope):
+      object.__setattr__(self, "scope", Scope(self.scope))
+    if self.scope not in (Scope.FFN, Scope.FFN_ATTN, Scope.ATTN):
+      raise ValueError(f"calibration scope must be ffn, attn or ffn+attn, got "
+                       f"{self.scope.value!r}.")
+    if self.let not in LET_MODES:
+      raise ValueError(f"let={self.let!r}; choose one of {LET_MODES}.")
+
+  @property
+  def kernel_paths(self) -> tuple[tuple[str, str], ...]:
+    return {Scope.FFN: FFN_KERNEL_PATHS, Scope.ATTN: ATTN_KERNEL_PATHS,
+            Scope.FFN_ATTN: FFN_KERNEL_PATHS + ATTN_KERNEL_PATHS}[self.scope]
+
+  @property
+  def quantizes_ffn(self) -> bool:
+    return self.scope in (Scope.FFN, Scope.FFN_ATTN)
+
+  @property
+  def quantizes_attn(self) -> bool:
+    return self.scope in (Scope.ATTN, Scope.FFN_ATTN)
+
+
+def kernel_shapes(config: TransformerConfig) -> dict[tuple[str, str], tuple[int, ...]]:
+  """Shape of each quantizable kernel of one block."""
+  d, f, n, k, h = (config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads,
+                   config.head_dim)
+  return {("mlp", "gating_einsum"): (2, d, f), ("mlp", "linear"): (f, d),
+          ("attn", "q_einsum"): (n, d, h), ("attn", "kv_einsum"): (2, k, d, h),
+          ("attn", "attn_vec_einsum"): (n, h, d)}
+
+
+def stat_shape(shape: tuple[int, ...], kernel: str) -> tuple[int, ...]:
+  """The shape of a kernel's α (and of its γ, β): reduced axes kept as size 1."""
+  axes = QUANT_REDUCE_AXES[kernel]
+  return tuple(1 if i in axes else s for i, s in enumerate(shape))
+
+
+def let_shapes(config: TransformerConfig, options: CalibOptions) -> dict[str, tuple[int, ...]]:
+  """The LET log-scales of one block and their shapes (empty when let == 'none')."""
+  if options.let == "none":
+    return {}
+  out = {}
+  if options.quantizes_attn:
+    out["attn_in"] = (config.embed_dim,)
+    out["attn_out"] = (config.num_kv_heads, config.head_dim)
+  if options.quantizes_ffn:
+    out["ffn_in"] = (config.embed_dim,)
+    out["ffn_mid"] = (config.hidden_dim,)
+  return out
+
+
+def init_calib_params(config: TransformerConfig, options: CalibOptions) -> dict[str, Any]:
+  """The initial learnable state of one block (float32 numpy; see the module docstring).
+
+  Returns:
+    {'lwc': {module: {kernel: {'gamma', 'beta'}}}, 'let': {name: log_s}}; a part is an empty
+    dict when its option is off.
+  """
+  shapes = kernel_shapes(config)
+  lwc: dict[str, Any] = {}
+  if options.lwc:
+    for module, kernel in options.kernel_paths:
+      shp = stat_shape(shapes[(module, kernel)], kernel)
+      lwc.setdefault(module, {})[kernel] = {
+          "gamma": np.full(shp, options.lwc_init_logit, np.float32),
+          "beta": np.full(shp, options.lwc_init_logit, np.float32)}
+  let = {name: np.zeros(shp, np.float32) for name, shp in let_shapes(config, options).items()}
+  return {"lwc": lwc, "let": let}
+
+
+def minmax_calib_params(config: TransformerConfig, options: CalibOptions) -> dict[str, Any]:
+  """A calib state that reproduces plain MinMax exactly: γ = β = 1 and s = 1 (identity)."""
+  c = init_calib_params(config, options)
+  c["lwc"] = jax.tree_util.tree_map(lambda x: np.full_like(x, NO_CLIP_LOGIT), c["lwc"])
+  return c
+
+
+def clipping_factors(calib: Mapping[str, Any], module: str, kernel: str):
+  """(γ, β) in (0, 1] of one kernel, or (None, None) without LWC."""
+  entry = calib.get("lwc", {}).get(module, {}).get(kernel)
+  if entry is None:
+    return None, None
+  return minmax.lwc_factor(jnp.asarray(entry["gamma"])), minmax.lwc_factor(
+      jnp.asarray(entry["beta"]))
+
+
+def _fold_norm(scale: jax.Array, s: jax.Array, norm_type: NormType) -> jax.Array:
+  """The norm scale whose output is the old output divided by s (exact for both norm types)."""
+  scale = scale.astype(jnp.float32)
+  if norm_type == NormType.ZERO_CENTERED:
+    return (1.0 + scale) / s - 1.0
+  return scale / s
+
+
+def _copy_dicts(tree):
+  """New dicts at every level, same leaves: callers' trees are never mutated."""
+  return {k: _copy_dicts(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def fold_let(config: TransformerConfig, block_params: Mapping[str, Any],
+             let: Mapping[str, Any]) -> dict[str, Any]:
+  """Block params with the equivalent transformation folded in (float32 where touched).
+
+  Args:
+    config: the architecture (norm type, heads).
+    block_params: one `layer_i` subtree (pre_attention_norm, attn, pre_ffw_norm, mlp, ...).
+    let: {'ffn_in' [D], 'ffn_mid' [F], 'attn_in' [D], 'attn_out' [K, H]} log-scales; missing
+      names are the identity.
+
+  Returns:
+    A new subtree computing the same function (up to float rounding) whose quantized kernels
+    are W ⊙ s: the weights OmniQuant quantizes (Eq. 4).
+  """
+  p = _copy_dicts(block_params)
+
+  def f32(x):
+    return jnp.asarray(x).astype(jnp.float32)
+
+  if "ffn_in" in let:
+    s = jnp.exp(f32(let["ffn_in"]))                                     # [D]
+    p["pre_ffw_norm"] = {"scale": _fold_norm(f32(p["pre_ffw_norm"]["scale"]), s,
+                                             config.norm_type)}
+    p["mlp"]["gating_einsum"]["w"] = f32(p["mlp"]["gating_einsum"]["w"]) * s[None, :, None]
+  if "ffn_mid" in let:
+    s = jnp.exp(f32(let["ffn_mid"]))                                    # [F]
+    w = f32(p["mlp"]["gating_einsum"]["w"])                             # [2, D, F]
+    p["mlp"]["gating_einsum"]["w"] = w.at[1].divide(s[None, :])        # up columns ⊘ s
+    p["mlp"]["linear"]["w"] = f32(p["mlp"]["linear"]["w"]) * s[:, None]
+  if "attn_in" in let:
+    s = jnp.exp(f32(let["attn_in"]))                                    # [D]
+    p["pre_attention_norm"] = {"scale": _fold_norm(f32(p["pre_attention_norm"]["scale"]), s,
+                                                   config.norm_type)}
+    p["attn"]["q_einsum"]["w"] = f32(p["attn"]["q_einsum"]["w"]) * s[None, :, None]
+    p["attn"]["kv_einsum"]["w"] = f32(p["attn"]["kv_einsum"]["w"]) * s[None, None, :, None]
+  if "attn_out" in let:
+    s = jnp.exp(f32(let["attn_out"]))                                   # [K, H]
+    groups = config.num_heads // config.num_kv_heads
+    w = f32(p["attn"]["kv_einsum"]["w"])                                # [2, K, D, H]
+    p["attn"]["kv_einsum"]["w"] = w.at[1].divide(s[:, None, :])        # value columns ⊘ s
+    s_q = jnp.repeat(s, groups, axis=0)                                 # [N, H]: head n -> n//G
+    p["attn"]["attn_vec_einsum"]["w"] = f32(p["attn"]["attn_vec_einsum"]["w"]) * s_q[:, :, None]
+  return p
+
+
+def quantized_block_params(config: TransformerConfig, block_params: Mapping[str, Any],
+                           calib: Mapping[str, Any], bits, *, options: CalibOptions,
+                           parent_bits: int = 8, extra_precision: bool = False
+                           ) -> dict[str, Any]:
+  """F_l's params with LET folded and every quantized kernel replaced by S(Q_Omni(W'), r).
+
+  `bits` may be a traced int32 scalar (one compiled forward for every width of R). The
+  gradient reaches γ, β through α and z, and s through W' = W ⊙ s (both through the STE and
+  through max/min, so `stop_weight_grad=False`); nothing here is differentiated w.r.t. the
+  model weights, which callers pass as constants.
+  """
+  p = fold_let(config, block_params, calib.get("let", {}))
+  for module, kernel in options.kernel_paths:
+    gamma, beta = clipping_factors(calib, module, kernel)
+    w = p[module][kernel]["w"]
+    p[module][kernel] = {"w": fake_quant_lib.fake_quant(
+        jnp.asarray(w).astype(jnp.float32), bits, parent_bits, QUANT_REDUCE_AXES[kernel],
+        extra_precision=extra_precision, gamma=gamma, beta=beta,
+        round_zero=options.round_zero, stop_weight_grad=False)}
+  return p
+
+
+def fold_model_params(config: TransformerConfig, params: Mapping[str, Any],
+                      calib_per_layer: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+  """The whole model's params with every layer's LET folded in (host numpy, float32 where
+  touched). Layers without an entry are left as they are."""
+  out = dict(params)
+  # On the host: the folded model is written out from host memory, and nothing here needs
+  # the accelerator (which may hold only one block).
+  fold = jax.jit(functools.partial(fold_let, config))  # one compilation for every layer
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    for i, calib in calib_per_layer.items():
+      name = f"layer_{i}"
+      if calib.get("let"):
+        out[name] = jax.tree_util.tree_map(np.asarray, fold(params[name], calib["let"]))
+  return out
+
+
+def export_clipping(calib_per_layer: Mapping[int, Mapping[str, Any]]
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{'layer_i/<module>/<kernel>/w': (γ, β)} for export_matquant_checkpoint(clipping=...)."""
+  out = {}
+  for i, calib in calib_per_layer.items():
+    for module, kernels in calib.get("lwc", {}).items():
+      for kernel in kernels:
+        g, b = clipping_factors(calib, module, kernel)
+        out[f"layer_{i}/{module}/{kernel}/w"] = (np.asarray(g), np.asarray(b))
+  return out

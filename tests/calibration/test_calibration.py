@@ -1,0 +1,266 @@
+"""Block-wise OmniQuant-MatQuant calibration: frozen weights, lower int2 error than MinMax,
+resume == uninterrupted, export to the int8 MatQuant checkpoint, configs and their errors."""
+
+import dataclasses
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from matquant_jax import calibration
+from matquant_jax.calibration import block as block_lib
+from matquant_jax.calibration import calibrator
+from matquant_jax.calibration import memory
+from matquant_jax.calibration import pipeline
+from matquant_jax.calibration import transform
+from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
+from matquant_jax.models.config import QUANT_REDUCE_AXES
+from matquant_jax.quant import minmax
+from matquant_jax.quant.fake_quant import fake_quant
+from matquant_jax.quant.plan import PrecisionPlan
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _tree_equal(a, b):
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _first_batch(setup, tiny, fns):
+  """Layer 0's first calibration batch on the devices, in the step's layout."""
+  params, tokens = tiny.tiny_params(), tiny.tiny_tokens()
+  x0 = calibrator.embed_tokens(setup.model, params["embedder"], tokens["inputs"],
+                               batch_size=setup.batch_size, mesh=setup.mesh,
+                               host_dtype=setup.host_dtype)
+  acts = calibrator._Activations(setup, tokens, x0)
+  bp = calibrator._block_params_to_device(params, 0, fns.replicated)
+  y, _ = calibrator._forward_fp(fns, bp, acts)
+  return bp, acts, y, acts.device_batch(fns, np.arange(setup.batch_size), y)
+
+
+def test_only_lwc_and_let_are_trained_and_weights_stay_frozen(uninterrupted, tiny):
+  setup, _, _ = uninterrupted
+  fns = block_lib.block_functions(setup.model, 0, setup.objective, setup.step, setup.mesh)
+  bp, _, _, batch = _first_batch(setup, tiny, fns)
+  frozen = jax.tree_util.tree_map(np.array, bp)
+  calib0 = transform.init_calib_params(setup.model, setup.step.calib)
+  calib = jax.device_put(calib0, fns.replicated)
+  opt_state = fns.init_opt(calib)
+  # The optimizer state holds moments of exactly the LWC logits and LET log-scales.
+  mu = opt_state[0].mu
+  assert jax.tree_util.tree_structure(mu) == jax.tree_util.tree_structure(calib0)
+  assert set(calib0["lwc"]["mlp"]) == {"gating_einsum", "linear"}
+  assert set(calib0["let"]) == {"ffn_in", "ffn_mid"}
+  for _ in range(3):
+    calib, opt_state, metrics = fns.train_step(calib, opt_state, bp, batch)
+  assert float(metrics["grad_norm"]) > 0
+  # Every learnable leaf moved (its gradient is not zero)...
+  for path, before, after in zip(
+      *[[jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(calib0)]],
+      jax.tree_util.tree_leaves(calib0), jax.tree_util.tree_leaves(calib)):
+    moved = np.mean(np.asarray(after) != before)
+    assert moved > 0.5, f"{path}: only {moved:.0%} of its entries received a gradient"
+  # ...and the model's weights are the same arrays, bit for bit: they are an input of the step,
+  # never an output, and nothing differentiates with respect to them.
+  _tree_equal(bp, frozen)
+
+
+def test_calibration_lowers_int2_error_well_below_minmax(uninterrupted):
+  setup, result, _ = uninterrupted
+  assert result.finished and sorted(result.calib) == [0, 1]
+  for layer, m in result.metrics.items():
+    print(f"layer {layer}: int2 nmse MinMax {m['nmse_minmax_int2']:.4f} -> calibrated "
+          f"{m['nmse_final_int2']:.4f}")
+    assert m["nmse_final_int2"] < 0.8 * m["nmse_minmax_int2"], m
+    assert m["loss_last"] < m["loss_first"]
+    for r in setup.objective.bits:  # every width is measured before and after
+      assert np.isfinite(m[f"mse_final_int{r}"]) and m[f"mse_minmax_int{r}"] > 0
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(uninterrupted, tiny, tmp_path):
+  setup, full, _ = uninterrupted
+  params, tokens = tiny.tiny_params(), tiny.tiny_tokens()
+  part = calibration.calibrate_blocks(setup, params, tokens, workdir=tmp_path,
+                                      stop_after_blocks=1)
+  assert not part.finished and sorted(part.calib) == [0]
+  assert (tmp_path / "calibration" / "layer_0.npz").exists()
+
+  lines = []
+
+  class Log:
+    text = staticmethod(lines.append)
+
+    def log(self, step, metrics):
+      pass
+
+  resumed = calibration.calibrate_blocks(setup, params, tokens, workdir=tmp_path, logger=Log())
+  assert any("resuming: layers 0..0" in s for s in lines), lines
+  assert resumed.finished
+  for layer in (0, 1):
+    _tree_equal(resumed.calib[layer], full.calib[layer])
+    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert drop(resumed.metrics[layer]) == drop(full.metrics[layer])
+
+  # A different run must not silently resume from these results.
+  other = dataclasses.replace(setup, seed=setup.seed + 1)
+  with pytest.raises(calibration.ConfigError, match="different run.*seed"):
+    calibration.calibrate_blocks(other, params, tokens, workdir=tmp_path)
+
+
+def test_export_loads_and_slices_dequantize_to_calibrated_weights(uninterrupted, tiny, tmp_path):
+  setup, result, _ = uninterrupted
+  params = tiny.tiny_params()
+  path = calibration.export_calibrated(tmp_path / "int8", setup, params, result,
+                                       float_dtype=jnp.float32)
+  ckpt = MatQuantCheckpoint.load(path)
+  assert ckpt.parent_bits == 8 and ckpt.metadata["calibration"] == "omniquant"
+  folded, clipping = calibration.fold_and_clipping(setup, params, result)
+  for name, (gamma, beta) in clipping.items():
+    layer, _, kernel, _ = name.split("/")
+    w = jnp.asarray(folded[layer]["mlp"][kernel]["w"])
+    # The stored int8 codes, α and z are Q_Omni of the folded weights with the learned clipping.
+    alpha, zero = minmax.minmax_params(w, 8, QUANT_REDUCE_AXES[kernel], gamma=gamma, beta=beta)
+    qt = ckpt.qtensors[name]
+    np.testing.assert_allclose(np.asarray(qt.scale), np.asarray(alpha), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(qt.codes),
+                                  np.asarray(minmax.quantize(w, qt.scale, qt.zero, 8)))
+    for r in (8, 6, 4, 3, 2):  # trained widths and the interpolated ones
+      served = ckpt.params_for(PrecisionPlan.parse(f"ffn:int{r}"), dtype=jnp.float32)
+      # ...and every slice dequantizes to the calibrated fake-quant weights (up to float
+      # rounding of α·(q − z) inside and outside jit).
+      want = fake_quant(w, r, 8, QUANT_REDUCE_AXES[kernel], gamma=gamma, beta=beta)
+      np.testing.assert_allclose(np.asarray(served[layer]["mlp"][kernel]["w"]), np.asarray(want),
+                                 rtol=1e-6, atol=1e-7, err_msg=f"{name} int{r}")
+  # Norm scales carry the folded LET; the block served at int2 is the calibrated int2 block.
+  np.testing.assert_array_equal(np.asarray(served["layer_0"]["pre_ffw_norm"]["scale"]),
+                                np.asarray(folded["layer_0"]["pre_ffw_norm"]["scale"]))
+  fns = block_lib.block_functions(setup.model, 0, setup.objective, setup.step, setup.mesh)
+  bp, acts, _, batch = _first_batch(setup, tiny, fns)
+  ours = fns.quant_forward(bp, jax.device_put(result.calib[0], fns.replicated), batch["x"],
+                           batch["positions"], batch["segment_ids"], jnp.asarray(2, jnp.int32))
+  served_bp = jax.device_put(served["layer_0"], fns.replicated)
+  theirs, _ = fns.fp_forward(served_bp, batch["x"], batch["positions"], batch["segment_ids"])
+  np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=1e-5, atol=1e-5)
+
+
+def test_codistillation_objective_and_quantized_inputs(tiny):
+  """'[8,4,2,8->4;2]': int4 and int2 are pulled toward the fp target and toward the int8
+  slice's block output; with 'quantized' inputs each width reads its own stream."""
+  setup = tiny.tiny_setup(**{"objective.codistill": "[8,4,2,8->4;2]",
+                             "calibration.input_mode": "quantized"})
+  obj = setup.objective
+  assert obj.bits == (8, 4, 2) and obj.weights == (0.1, 0.1, 1.0)
+  assert obj.distill == ((8, 4), (8, 2))
+  fns = block_lib.block_functions(setup.model, 0, obj, setup.step, setup.mesh)
+  bp, acts, y, batch = _first_batch(setup, tiny, fns)
+  rng = np.random.default_rng(0)
+  # Distinct inputs per width, as after a quantized previous layer.
+  batch["x"] = batch["x"] * jnp.asarray([1.0, 0.9, 1.1])[:, None, None, None]
+  calib = transform.init_calib_params(setup.model, setup.step.calib)
+  calib["let"]["ffn_mid"] = rng.normal(0, 0.1, calib["let"]["ffn_mid"].shape).astype(np.float32)
+  total, _, e_gt, e_t = jax.jit(fns.loss_and_grads)(calib, bp, batch)
+
+  mask = np.asarray(batch["segment_ids"] != 0, np.float32)[..., None]
+  mse = lambda a, b: float(np.sum(mask * (np.asarray(a) - np.asarray(b)) ** 2) / (  # noqa: E731
+      mask.sum() * a.shape[-1]))
+  outs = {r: fns.quant_forward(bp, calib, batch["x"][i], batch["positions"],
+                               batch["segment_ids"], jnp.asarray(r, jnp.int32))
+          for i, r in enumerate(obj.bits)}
+  want = sum(lam * (mse(outs[r], batch["y"]) + (mse(outs[r], outs[8]) if r != 8 else 0.0))
+             for r, lam in zip(obj.bits, obj.weights))
+  np.testing.assert_allclose(float(total), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(e_gt), [mse(outs[r], batch["y"]) for r in obj.bits],
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(e_t[2]), mse(outs[2], outs[8]), rtol=1e-5)
+
+
+def _load_config(file, arg=None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{file}", REPO / "configs" / f"{file}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg is not None else mod.get_config()
+
+
+@pytest.mark.parametrize("file,arg,bits,lam,steps,parent,ep", [
+    ("omniquant_matquant", "gemma2_9b", (8, 4, 2), (0.1, 0.1, 1.0), 1221, 8, False),
+    ("omniquant_matquant", "gemma2_2b", (8, 4, 2), (0.1, 0.1, 1.0), 1221, 8, False),
+    ("omniquant_matquant", "mistral_7b", (8, 4, 2), (0.4, 0.4, 1.0), 1221, 8, False),
+    ("omniquant_baseline", "gemma2_9b,int8", (8,), (1.0,), 1221, 8, False),
+    ("omniquant_baseline", "mistral_7b,int6", (6,), (1.0,), 1221, 6, False),
+    ("omniquant_baseline", "gemma2_2b,int3", (3,), (1.0,), 1221, 3, False),
+    ("omniquant_baseline", "gemma2_9b,int2", (2,), (1.0,), 2442, 2, False),
+    ("omniquant_single_precision", "gemma2_9b", (2,), (1.0,), 1221, 8, False),
+    ("omniquant_extra_precision", "mistral_7b", (8, 4, 2), (1.0, 1.0, 1.0), 1221, 8, True),
+    ("omniquant_codistill", "gemma2_9b,8-4-2-8to4_2", (8, 4, 2), (0.1, 0.1, 1.0), 1014, 8,
+     False),
+    ("omniquant_codistill", "mistral_7b,8-4-8to2", (8, 4, 2), (0.4, 0.4, 1.0), 1014, 8, False),
+])
+def test_paper_configs_resolve_to_the_paper_settings(file, arg, bits, lam, steps, parent, ep):
+  c = _load_config(file, arg)
+  c.aot_only = True  # the released weights are required otherwise
+  s = calibration.resolve(c, devices=jax.devices()[:8])
+  assert (s.objective.bits, s.objective.weights, s.steps_per_block) == (bits, lam, steps)
+  assert (s.objective.parent_bits, s.objective.extra_precision) == (parent, ep)
+  assert (s.num_samples, s.seq_len, s.batch_size, s.step.lr) == (128, 2048, 4, 1e-3)
+  assert dict(s.mesh.shape)["data"] == 4  # auto: the paper's batch of 4 over 4 of 8 devices
+  c.aot_only = False
+  with pytest.raises(calibration.ConfigError, match="config.init must be set"):
+    calibration.resolve(c, devices=jax.devices()[:8])
+
+
+def test_tiny_config_resolves():
+  s = calibration.resolve(_load_config("tiny_omniquant"), devices=jax.devices()[:8])
+  assert s.model.name == "tiny_gemma2" and s.steps_per_block > 0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model": "gemma3_1b"}, "unknown model"),
+    ({"objective.method": "bf16"}, "nothing to calibrate"),
+    ({"objective.codistill": "[8,4,2->8]"}, "more bits than its student"),
+    ({"calibration.let": "shift"}, "let="),
+    ({"calibration.input_mode": "layerwise"}, "input_mode"),
+    ({"calibration.lwc": False, "calibration.let": "none"}, "nothing to learn"),
+    ({"calibration.batch_size": 5}, "not a multiple of calibration.batch_size"),
+    ({"calibration.num_microbatches": 3}, "num_microbatches"),
+    ({"mesh.data": 3}, "not divisible by the 3 data-parallel"),
+    ({"calibration.host_dtype": "float16"}, "host_dtype"),
+    ({"calibration.lwc_lr": -1.0}, "lwc_lr"),
+    ({"calibration.steps_per_block": 0, "calibration.budget_tokens": 0}, "budget_tokens"),
+    ({"init": "required"}, "config.init must be set"),
+])
+def test_bad_configs_fail_before_compilation(overrides, match, tiny, tmp_path, monkeypatch):
+  def no_compile(*a, **k):
+    raise AssertionError("compiled before validating the config")
+  monkeypatch.setattr(block_lib, "block_functions", no_compile)
+  monkeypatch.setattr(memory, "compiled_step_memory", no_compile)
+  with pytest.raises(calibration.ConfigError, match=match):
+    pipeline.run(tiny.tiny_config(**overrides), tmp_path)
+
+
+def test_memory_report_of_the_compiled_block_step(tiny):
+  setup = tiny.tiny_setup(**{"objective.method": "single_precision"})
+  rep = memory.report(setup)
+  assert rep["xla_peak_estimate_bytes"] > rep["xla_argument_size_in_bytes"] > 0
+  m = setup.model
+  d, f, n, k, h = m.embed_dim, m.hidden_dim, m.num_heads, m.num_kv_heads, m.head_dim
+  n_block = 4 * d + 2 * n * d * h + 2 * k * d * h + 3 * d * f  # 4 norms, attention, FFN
+  n_state = 2 * (2 * f + d) + d + f                     # γ, β per channel; LET scales
+  assert rep["block_params"] == n_block and rep["calib_params"] == n_state
+  assert "GiB" in memory.format_report(rep) or "MiB" in memory.format_report(rep)
+
+
+def test_cli_rejects_unknown_overrides(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "matquant_jax.calibrate",
+                      "--config=configs/tiny_omniquant.py", f"--workdir={tmp_path}",
+                      "--config.calibration.lrr=0.1"], cwd=REPO, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode != 0 and "lrr" in r.stderr
