@@ -86,6 +86,12 @@ class Einsum(nn.Module):
 
   @nn.compact
   def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+    if self.has_variable("params", "w"):
+      stored = self.get_variable("params", "w")
+      # Packed serving weights (matquant_jax.serving) are already at the plan's width and run
+      # their own matmul from the codes; read before `param`, whose shape check they would fail.
+      if getattr(stored, "is_serving_weight", False):
+        return stored.einsum(eqn, x.astype(self.dtype), quant=self.quant)
     return jnp.einsum(eqn, x.astype(self.dtype), self.kernel())
 
 
