@@ -311,11 +311,13 @@ def _calibrate_one(setup, fns, bp, acts, y, energy, layer, logger, total_steps):
                        layer)
   first_loss = None
   last = None
+  host: dict[str, float] = {}
   for s in range(setup.steps_per_block):
     batch = acts.device_batch(fns, order[s], y)
     calib, opt_state, m = fns.train_step(calib, opt_state, bp, batch)
     step = s + 1
-    if step % setup.log_every_steps == 0 or step == setup.steps_per_block or s == 0:
+    final_step = step == setup.steps_per_block
+    if step % setup.log_every_steps == 0 or final_step or s == 0:
       m = jax.device_get(m)
       if not bool(m["finite"]):
         raise FloatingPointError(
@@ -325,12 +327,12 @@ def _calibrate_one(setup, fns, bp, acts, y, energy, layer, logger, total_steps):
       if first_loss is None:
         first_loss = float(m["loss"])
       last = m
-      if logger is not None and (step % setup.log_every_steps == 0 or
-                                 step == setup.steps_per_block):
-        host = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                "layer": float(layer)}
-        for i, r in enumerate(bits):
-          host[f"mse_int{r}"] = float(m["mse"][i])
+      host = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+              "layer": float(layer)}
+      for i, r in enumerate(bits):
+        host[f"mse_int{r}"] = float(m["mse"][i])
+      # The final step is logged below, together with the block's summary.
+      if logger is not None and step % setup.log_every_steps == 0 and not final_step:
         logger.log(layer * setup.steps_per_block + step, host)
   calib = jax.tree_util.tree_map(np.asarray, jax.device_get(calib))
   mse_final = _evaluate(fns, bp, calib, acts, y)
@@ -342,8 +344,7 @@ def _calibrate_one(setup, fns, bp, acts, y, energy, layer, logger, total_steps):
       metrics[f"nmse_{name}_int{r}"] = float(v[i]) / energy if energy > 0 else float("nan")
   if logger is not None:
     logger.log((layer + 1) * setup.steps_per_block,
-               {"loss": metrics["loss_last"] or 0.0,
-                **{f"block/{k}": v for k, v in metrics.items() if v is not None}})
+               {**host, **{f"block/{k}": v for k, v in metrics.items() if v is not None}})
   return calib, metrics
 
 

@@ -140,19 +140,26 @@ def report(setup: config_lib.CalibSetup, *, compile_step: bool = True,
   return out
 
 
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10)):
+    if n >= scale:
+      return f"{n / scale:,.2f} {unit}"
+  return f"{n:,.0f} B"
+
+
 def format_report(rep: dict[str, float]) -> str:
-  gib = 2.0**30
+  """Human-readable lines of `report`."""
   lines = [
-      f"block params {rep['block_params'] / 1e6:,.1f}M ({rep['block_params_bytes'] / gib:.3f} "
-      f"GiB f32), learnable LWC/LET {rep['calib_params'] / 1e3:,.1f}K "
-      f"(+grads+Adam {rep['calib_state_bytes'] / gib:.4f} GiB), one batch of activations "
-      f"{rep['activation_batch_bytes'] / gib:.3f} GiB/device => resident "
-      f"{rep['resident_bytes'] / gib:.3f} GiB/device",
-      f"host: weights {rep['model_params_bytes'] / gib:.2f} GiB, calibration activations "
-      f"{rep['activations_bytes'] / gib:.2f} GiB"]
+      f"device: block params {rep['block_params'] / 1e6:,.2f}M ({_size(rep['block_params_bytes'])}"
+      f" f32) + learnable LWC/LET {rep['calib_params'] / 1e3:,.1f}K with grads and Adam "
+      f"({_size(rep['calib_state_bytes'])}) + one batch of activations "
+      f"({_size(rep['activation_batch_bytes'])}) = {_size(rep['resident_bytes'])} resident "
+      f"per device",
+      f"host: weights {_size(rep['model_params_bytes'])}, calibration activations "
+      f"{_size(rep['activations_bytes'])}"]
   if "xla_peak_estimate_bytes" in rep:
     lines.append(
-        f"XLA compiled step, per device: peak {rep['xla_peak_estimate_bytes'] / gib:.3f} GiB "
-        f"(arguments {rep.get('xla_argument_size_in_bytes', 0) / gib:.3f}, temporaries "
-        f"{rep.get('xla_temp_size_in_bytes', 0) / gib:.3f})")
+        f"XLA, compiled block step: peak {_size(rep['xla_peak_estimate_bytes'])} per device "
+        f"(arguments {_size(rep.get('xla_argument_size_in_bytes', 0))}, temporaries "
+        f"{_size(rep.get('xla_temp_size_in_bytes', 0))})")
   return "\n".join(lines)

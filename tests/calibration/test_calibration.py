@@ -264,3 +264,55 @@ def test_cli_rejects_unknown_overrides(tmp_path):
                       "--config.calibration.lrr=0.1"], cwd=REPO, capture_output=True,
                      text=True, timeout=120)
   assert r.returncode != 0 and "lrr" in r.stderr
+
+
+def test_data_parallel_and_microbatched_steps_match_one_device(uninterrupted, tiny):
+  """One block's step sharded over 4 devices, or over 2 devices in 2 micro-batches, takes the
+  same step as on one device (rows without padding, so micro-batch means equal the mean)."""
+  base, _, _ = uninterrupted
+  runs = {}
+  for label, overrides in (("4 devices", {}), ("1 device", {"mesh.data": 1}),
+                           ("2 devices x 2 micro", {"mesh.data": 2,
+                                                    "calibration.num_microbatches": 2})):
+    setup = tiny.tiny_setup(**overrides)
+    assert setup.objective == base.objective
+    fns = block_lib.block_functions(setup.model, 0, setup.objective, setup.step, setup.mesh)
+    bp, acts, y, _ = _first_batch(setup, tiny, fns)
+    batch = acts.device_batch(fns, np.arange(2, 6), y)
+    calib = jax.device_put(transform.init_calib_params(setup.model, setup.step.calib),
+                           fns.replicated)
+    opt_state = fns.init_opt(calib)
+    for _ in range(2):
+      calib, opt_state, m = fns.train_step(calib, opt_state, bp, batch)
+    runs[label] = (float(m["loss"]), jax.tree_util.tree_map(np.asarray, calib))
+  assert dict(base.mesh.shape)["data"] == 4
+  ref_loss, ref = runs["1 device"]
+  for label, (loss, calib) in runs.items():
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=label)
+    for a, b in zip(jax.tree_util.tree_leaves(calib), jax.tree_util.tree_leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=label)
+
+
+class _ByteTokenizer:
+  """A stand-in for sentencepiece: one id per byte (the pipeline only calls encode)."""
+  pad_id = 0
+
+  def encode(self, text, add_bos=None, add_eos=False):
+    return ([2] if add_bos else []) + [3 + b % 250 for b in text.encode()] + (
+        [1] if add_eos else [])
+
+
+def test_calibration_sample_and_host_weights(tiny):
+  c = tiny.tiny_config(**{"model": "tiny_mistral"})
+  tokens = pipeline.calibration_tokens(c, _ByteTokenizer())
+  for k in ("inputs", "positions", "segment_ids"):
+    assert tokens[k].shape == (tiny.NUM_SAMPLES, tiny.SEQ_LEN) and tokens[k].dtype == np.int32
+  assert np.all(tokens["segment_ids"] > 0)  # full rows of packed KJV text, no padding
+  again = pipeline.calibration_tokens(c, _ByteTokenizer())
+  np.testing.assert_array_equal(tokens["inputs"], again["inputs"])  # a seeded, fixed sample
+  setup = calibration.resolve(c, devices=jax.devices()[:8])
+  params = pipeline.host_params(c, setup.model, "bfloat16")
+  leaves = jax.tree_util.tree_leaves(params)
+  assert all(isinstance(x, np.ndarray) and x.dtype == np.dtype("bfloat16") for x in leaves)
+  with pytest.raises(calibration.ConfigError, match="final_params"):
+    pipeline.host_params(tiny.tiny_config(init="run:/nonexistent"), setup.model)
