@@ -206,7 +206,8 @@ def load_serving(path: str | pathlib.Path, plan: PrecisionPlan | str, *,
   """Streams an int8 MatQuant checkpoint into serving weights for `plan`.
 
   Args:
-    path: the checkpoint directory (export_matquant_checkpoint).
+    path: the checkpoint directory (export_matquant_checkpoint). A serving checkpoint
+      (export_serving_checkpoint) is accepted too when `plan` is the plan it was packed for.
     plan: a PrecisionPlan or its string ("ffn:int4", "ffn+attn:int2:ep", "ffn:pyramid@3.0",
       "bf16", ...). Kernels the checkpoint quantized but the plan leaves unquantized are
       served at the parent width c, as in `MatQuantCheckpoint.params_for`. The bf16 plan
@@ -214,7 +215,7 @@ def load_serving(path: str | pathlib.Path, plan: PrecisionPlan | str, *,
     dtype: compute dtype and the dtype of the float params.
     device: where the params go (default: the first device).
     fmt: storage format of the packed kernels: "auto" (layouts.py rules), "planes", "u8"
-      (unpacked, one byte per code) or "int4" (widths <= 4).
+      (unpacked, one byte per code) or "int4" (kernels of <= 4 stored bits; wider ones "auto").
 
   Returns:
     A ServingModel.
@@ -222,6 +223,14 @@ def load_serving(path: str | pathlib.Path, plan: PrecisionPlan | str, *,
   path = pathlib.Path(path)
   plan = _as_plan(plan)
   device = device or jax.devices()[0]
+  if (path / "serving.json").exists():
+    # An exported serving checkpoint holds one plan's packed bytes: load it as is.
+    model = load_serving_checkpoint(path, device=device, dtype=dtype)
+    if model.plan != plan:
+      raise ValueError(
+          f"{path} is a serving checkpoint packed for plan {model.plan}, not {plan}; packed "
+          f"codes cannot be re-sliced. Load the int8 MatQuant checkpoint for other plans.")
+    return model
   meta, shell = _read_metadata(path)
   shell.check_plan(plan)
   config = shell.config
@@ -243,10 +252,12 @@ def load_serving(path: str | pathlib.Path, plan: PrecisionPlan | str, *,
       raise ValueError(f"{path}: {name} has shape {codes.shape}, the config needs "
                        f"{tuple(shapes[name])}; the checkpoint is inconsistent.")
     if plan.is_quantized:
+      bits = shell.slice_bits(plan, name)
+      sw = layouts.storage_bits(bits, shell.parent_bits, plan.extra_precision)
       flat[name] = weights_lib.pack_kernel(
           codes, scale, zero, contract_axes=QUANT_REDUCE_AXES[name.split("/")[-2]],
-          bits=shell.slice_bits(plan, name), parent_bits=shell.parent_bits,
-          extra_precision=plan.extra_precision, fmt=fmt, device=device)
+          bits=bits, parent_bits=shell.parent_bits, extra_precision=plan.extra_precision,
+          fmt="auto" if fmt == "int4" and sw > 4 else fmt, device=device)
     else:
       flat[name] = jax.device_put(_dequantize_host(codes, scale, zero, dtype), device)
     del host, codes, scale, zero

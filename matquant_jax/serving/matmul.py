@@ -43,10 +43,15 @@ PATHS = ("xla_int4", "xla_u8", "xla_unpack", "pallas_gpu", "pallas_tpu")
 _log = logging.getLogger(__name__)
 
 
+def _default_backend() -> str:
+  # One indirection so tests can ask what the guard does on another backend.
+  return jax.default_backend()
+
+
 def select_path(w: PackedWeight, m: int, *, backend: str | None = None,
                 dtype: Any = jnp.bfloat16) -> str:
   """The path the guard picks for `m` rows of activations on `backend` (shape rules only)."""
-  backend = backend or jax.default_backend()
+  backend = backend or _default_backend()
   if w.fmt == "int4":
     return "xla_int4"
   if w.fmt == "u8":
