@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install clean
+.PHONY: test demo install clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ install: $(VENV)/.installed
 # pytest exits 5 when it collects no test; make treats any non-zero exit as failure.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The built-in demo (README): tokenizer, pretraining, baseline and MatQuant QAT, evaluation of
+# every slice and Mix'n'Match plan on the bundled text; table and plots in results/demo/.
+demo: $(VENV)/.installed
+	$(PY) -m matquant_jax.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

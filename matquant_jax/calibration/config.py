@@ -71,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   # (as in QAT). They are loaded to host memory; only one block at a time goes to devices.
   c.init = "random"
   c.tokenizer = "train:512"      # a .model file, train:<vocab> or run:<workdir> (as in QAT)
+  c.run_name = ""                  # prefixes console lines (runs sharing one console)
   c.seed = 0
 
   c.objective = ml_collections.ConfigDict()

@@ -89,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   setup = config_lib.resolve(config)
   workdir.mkdir(parents=True, exist_ok=True)
   total = setup.model.num_layers * setup.steps_per_block
-  log = metrics_lib.MetricsLogger(workdir, total)
+  log = metrics_lib.MetricsLogger(workdir, total, prefix=config.run_name)
   try:
     log.text(f"matquant_jax calibrate: {setup.describe()} | {jax.device_count()} "
              f"{jax.default_backend()} devices")

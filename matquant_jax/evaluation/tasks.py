@@ -285,6 +285,42 @@ def kjv_next_verse_examples(num_examples: int | None = 500, *, seed: int = 0,
   return items
 
 
+def kjv_verse_completion_examples(num_examples: int | None = 500, *, seed: int = 0,
+                                  path: str | os.PathLike | None = None) -> list[MultipleChoice]:
+  """kjv_verse_completion: finish a held-out verse from its first half, 4-way.
+
+  A verse of at least 8 words from a validation chapter is cut after half its words; the
+  correct continuation is its second half, the 3 distractors are second halves of verses from
+  other validation chapters (seeded). Shorter than kjv_next_verse (no preceding verses), and
+  within-verse grammar gives even a tiny model a signal, so it is the demo's task.
+  """
+  if num_examples is not None and (isinstance(num_examples, bool) or num_examples < 1):
+    raise ValueError(f"num_examples must be a positive integer or None, got {num_examples!r}.")
+  chapters = _kjv_verses(path)
+  halves = []  # (chapter, first half, second half)
+  for c, verses in enumerate(chapters):
+    for v in verses:
+      words = v.split()
+      if len(words) >= 8:
+        cut = len(words) // 2
+        halves.append((c, " ".join(words[:cut]), " ".join(words[cut:])))
+  order = np.random.default_rng(seed).permutation(len(halves))
+  if num_examples is not None:
+    order = order[:num_examples]
+  items = []
+  for k, idx in enumerate(order):
+    c, first, correct = halves[idx]
+    rng = np.random.default_rng([seed, k, 1])
+    picked: list[str] = []
+    while len(picked) < KJV_NUM_CHOICES - 1:
+      oc, _, text = halves[int(rng.integers(len(halves)))]
+      if oc != c and text != correct and text not in picked:
+        picked.append(text)
+    gold = int(rng.integers(KJV_NUM_CHOICES))
+    items.append(MultipleChoice.shared(first, picked[:gold] + [correct] + picked[gold:], gold))
+  return items
+
+
 # Registry ---------------------------------------------------------------------------------------
 
 
@@ -324,7 +360,11 @@ TASKS: dict[str, TaskSpec] = {
                            "Winogrande, 2-way pronoun resolution (partial scoring)"),
     "kjv_next_verse": TaskSpec("kjv_next_verse", None, "validation", None, "acc_norm",
                                "KJV next verse, 4-way, from held-out chapters"),
+    "kjv_verse_completion": TaskSpec("kjv_verse_completion", None, "validation", None,
+                                     "acc_norm", "KJV verse completion, 4-way, held-out chapters"),
 }
+_BUNDLED_BUILDERS = {"kjv_next_verse": kjv_next_verse_examples,
+                     "kjv_verse_completion": kjv_verse_completion_examples}
 
 # The six tasks of the paper's "Task Avg." (spec §7-§8).
 PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande")
@@ -384,8 +424,8 @@ def load_task(name: str, *, tfds_data_dir: str | os.PathLike | None = None,
     tfds_data_dir: where the TFDS datasets are prepared (None = TFDS's default).
     split: override the task's split (e.g. 'validation' for ARC).
     max_examples: the first N records (lm-eval's --limit); None = the whole split.
-    kjv_num_examples: items of kjv_next_verse (before max_examples caps it).
-    seed: kjv_next_verse's construction seed.
+    kjv_num_examples: items of a bundled KJV task (before max_examples caps it).
+    seed: the bundled KJV tasks' construction seed.
 
   Returns:
     TaskData with the items in dataset order.
@@ -395,7 +435,7 @@ def load_task(name: str, *, tfds_data_dir: str | os.PathLike | None = None,
     raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}.")
   if spec.tfds_name is None:
     n = kjv_num_examples if max_examples is None else min(kjv_num_examples, max_examples)
-    return TaskData(name, kjv_next_verse_examples(n, seed=seed))
+    return TaskData(name, _BUNDLED_BUILDERS[name](n, seed=seed))
   records = read_tfds_records(spec.tfds_name, split or spec.split, data_dir=tfds_data_dir,
                               max_examples=max_examples)
   examples = []

@@ -189,6 +189,15 @@ PRESETS: dict[str, TransformerConfig] = {
         attention_pattern=AttentionPattern.LOCAL_GLOBAL, sliding_window=8, norm_eps=1e-6,
         norm_type=NormType.ZERO_CENTERED, post_norms=True, activation=Activation.GELU_TANH,
         scale_embeddings=True, tie_embeddings=True),
+    # The built-in demo's model: tiny_gemma2 with a 4x wider FFN, so the int8 parent has room
+    # to absorb what the int2 slice needs (the paper's over-parameterization argument, §9.1).
+    "demo_gemma2": TransformerConfig(
+        name="demo_gemma2", num_layers=4, embed_dim=64, hidden_dim=512, num_heads=4,
+        num_kv_heads=2, head_dim=32, vocab_size=512, query_scale=32 ** -0.5,
+        attn_logit_softcap=50.0, final_logit_softcap=30.0,
+        attention_pattern=AttentionPattern.LOCAL_GLOBAL, sliding_window=64, norm_eps=1e-6,
+        norm_type=NormType.ZERO_CENTERED, post_norms=True, activation=Activation.GELU_TANH,
+        scale_embeddings=True, tie_embeddings=True),
     "tiny_mistral": TransformerConfig(
         name="tiny_mistral", num_layers=3, embed_dim=64, hidden_dim=128, num_heads=4,
         num_kv_heads=2, head_dim=16, vocab_size=512, attention_pattern=AttentionPattern.LOCAL,

@@ -73,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
 
+  c.run_name = ""                  # prefixes console lines (runs sharing one console)
   c.log_every_steps = 10
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3

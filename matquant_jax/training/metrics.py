@@ -49,8 +49,10 @@ def train_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
 class MetricsLogger:
   """Console lines with ETA, TensorBoard scalars and a metrics.jsonl file (process 0 only)."""
 
-  def __init__(self, workdir: str | pathlib.Path, total_steps: int, *, enabled: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, total_steps: int, *, enabled: bool = True,
+               prefix: str = ""):
     self.enabled = enabled and jax.process_index() == 0
+    self.prefix = f"[{prefix}] " if prefix else ""
     self.total_steps = total_steps
     self.start = time.time()
     self.start_step = None
@@ -86,11 +88,11 @@ class MetricsLogger:
         parts.append(fmt.format(metrics[key]))
     if eta == eta:
       parts.append(f"ETA {_hms(eta)}")
-    print(" | ".join(parts), flush=True)
+    print(self.prefix + " | ".join(parts), flush=True)
 
   def text(self, line: str) -> None:
     if self.enabled:
-      print(line, flush=True)
+      print(self.prefix + line, flush=True)
 
   def close(self) -> None:
     if self.writer is not None:

@@ -351,7 +351,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   setup = resolve(config)
   dcfg = data_config(config)
   workdir.mkdir(parents=True, exist_ok=True)
-  log = metrics_lib.MetricsLogger(workdir, setup.num_steps)
+  log = metrics_lib.MetricsLogger(workdir, setup.num_steps, prefix=config.run_name)
   log.text(f"matquant_jax train: {setup.model.name} | {setup.objective.describe()} | "
            f"{setup.num_steps} steps of {setup.global_batch_size}×{setup.seq_len} tokens | "
            f"mesh {dict(setup.mesh.shape)} | {jax.device_count()} {jax.default_backend()} devices")

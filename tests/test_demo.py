@@ -1,0 +1,31 @@
+"""The built-in demo runs end to end (a shortened schedule) and writes its table and plots."""
+
+import json
+
+import pytest
+
+from matquant_jax import demo
+
+
+def test_demo_end_to_end_short(tmp_path, monkeypatch):
+  monkeypatch.setattr(demo, "DEMO_MODEL", "tiny_gemma2")
+  monkeypatch.setattr(demo, "BASELINE_BITS", (8, 2))
+  monkeypatch.setattr(demo, "MATQUANT_SLICES", (8, 4, 2))
+  monkeypatch.setattr(demo, "MIX_BUDGETS", (3.0,))
+  args = ["--workdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+          "--pretrain_steps", "3", "--qat_steps", "2", "--seq_len", "32", "--batch", "8",
+          "--eval_tokens", "1000", "--task_examples", "8", "--jobs", "1",
+          "--omniquant_steps", "2"]
+  assert demo.main(args) == 0
+  table = json.loads((tmp_path / "out" / "table.json").read_text())
+  methods = {(r["method"], r["bits"]) for r in table}
+  assert {("bf16", 16), ("baseline", 8), ("baseline", 2), ("sliced_int8", 4), ("sliced_int8", 2),
+          ("matquant", 8), ("matquant", 4), ("matquant", 2)} <= methods
+  assert sum(r["method"] == "mix_n_match" for r in table) == 4
+  assert {r["bits"] for r in table if r["method"] == "omniquant_matquant"} == {8, 4, 2}
+  for r in table:
+    assert {"method", "bits", "effective_bits", "log_pplx", "tasks"} <= set(r)
+  for png in ("code_histograms.png", "quality_vs_bits.png"):
+    assert (tmp_path / "out" / png).stat().st_size > 10_000
+  # A second run reuses every finished stage.
+  assert demo.main(args) == 0
