@@ -39,6 +39,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Comput
 _KERNEL = flags.DEFINE_enum("kernel", "auto", ["auto", "xla_int4", "xla_u8", "xla_unpack",
                                                 "pallas_gpu", "pallas_tpu"],
                             "Matmul path for packed kernels (auto = the guard's choice).")
+_FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "planes", "u8", "int4"],
+                            "Storage format of packed kernels (matquant_jax/serving/layouts.py).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Time a second generation after a compiling one.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 
@@ -73,13 +75,13 @@ def main(argv) -> int:
   dtype = jnp.dtype(_DTYPE.value)
   try:
     t0 = time.perf_counter()
-    model = loader.load_serving(ckpt, _PLAN.value, dtype=dtype)
+    model = loader.load_serving(ckpt, _PLAN.value, dtype=dtype, fmt=_FORMAT.value)
     load_s = time.perf_counter() - t0
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if _KERNEL.value != "auto":
-    model = model.with_path(_KERNEL.value)
+    model = model.with_path(_KERNEL.value)  # kernels of other formats keep the guard's path
   tokenizer = Tokenizer.from_file(tok_path)
   if tokenizer.vocab_size > model.config.vocab_size:
     print(f"error: the tokenizer has {tokenizer.vocab_size} pieces but the model only "
@@ -103,7 +105,11 @@ def main(argv) -> int:
     jax.block_until_ready(out.tokens)
     return out, time.perf_counter() - t
 
-  out, first_s = run()
+  try:
+    out, first_s = run()
+  except ValueError as e:  # e.g. a forced --kernel that cannot run these shapes
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   timed_s = first_s
   if _WARMUP.value:
     out, timed_s = run()

@@ -136,7 +136,7 @@ class ServingModel:
     return self.sampler()(self.params, prompts, prompt_lengths, **kwargs)
 
   def with_path(self, path: str = "auto", interpret: bool = False) -> ServingModel:
-    """Every packed kernel switched to matmul `path` (tests force kernels this way)."""
+    """Packed kernels switched to matmul `path` where their format allows (weights.set_path)."""
     return dataclasses.replace(self, params=weights_lib.set_path(self.params, path, interpret))
 
   def weight_bytes(self) -> dict[str, int]:

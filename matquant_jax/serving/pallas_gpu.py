@@ -37,6 +37,9 @@ try:  # jax >= 0.4.36 ships the Triton namespace as jax.experimental.pallas.trit
 except ImportError:  # pragma: no cover
   plgpu = None
 
+# A squeezed block dimension: `pl.squeezed` where this jax has it (None is the older spelling).
+_SQUEEZED = getattr(pl, "squeezed", None)
+
 MAX_M = 64  # larger M (prefill) is compute-bound: XLA's unpack + dot is as good there
 TARGET_PROGRAMS = 132  # one program per SM of an H100 at least
 _MAX_TILE_ROWS = 256  # rows of the largest code tile a program holds in registers
@@ -112,7 +115,7 @@ def _kernel(*refs, widths, tiles, steps, m, magic):
         q = w_ref[pl.ds(start, t), :].astype(jnp.uint16)
       part = None
       for s in range(8 // wd):
-        xs = plgpu.load(x_ref.at[:, pl.ds(s * stride + start, t)], mask=rows < m, other=0)
+        xs = plgpu.load(x_ref.at[:, pl.ds(s * stride + start, t)], mask=rows < m, other=0.0)
         code = (q >> (wd * s)) & (2**wd - 1)
         if magic is None:
           code = code.astype(xs.dtype)
@@ -149,7 +152,7 @@ def matmul(x: jax.Array, w, *, interpret: bool = False) -> jax.Array:
       out_shape=jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32),
       grid=(n // bn, splits),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, m_pad, bn), lambda j, s: (s, 0, j)),
+      out_specs=pl.BlockSpec((_SQUEEZED, m_pad, bn), lambda j, s: (s, 0, j)),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
       interpret=interpret,
       name=f"matquant_planes{''.join(map(str, w.widths))}_gemv",

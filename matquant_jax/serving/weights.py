@@ -240,7 +240,21 @@ def is_packed(x: Any) -> bool:
   return isinstance(x, PackedWeight)
 
 
+_PATH_FORMAT = {"xla_int4": "int4", "xla_u8": "u8", "xla_unpack": "planes",
+                "pallas_gpu": "planes", "pallas_tpu": "planes"}
+
+
 def set_path(tree: Any, path: str = "auto", interpret: bool = False) -> Any:
-  """Every PackedWeight in `tree` switched to matmul `path` (e.g. to force a kernel in tests)."""
-  return jax.tree_util.tree_map(
-      lambda x: x.with_path(path, interpret) if is_packed(x) else x, tree, is_leaf=is_packed)
+  """PackedWeights in `tree` switched to matmul `path` (e.g. to force a kernel in tests).
+
+  Only weights stored in the format the path reads are switched (e.g. "pallas_gpu" leaves the
+  int8 "u8" kernels of a Mix'n'Match plan on their own path); the rest keep theirs.
+  """
+  def switch(x):
+    if not is_packed(x):
+      return x
+    if path != "auto" and _PATH_FORMAT.get(path, x.fmt) != x.fmt:
+      return x
+    return x.with_path(path, interpret)
+
+  return jax.tree_util.tree_map(switch, tree, is_leaf=is_packed)

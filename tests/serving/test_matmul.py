@@ -191,3 +191,13 @@ def test_einsum_refuses_other_equations_and_plan_mismatch():
     w.einsum("BTD,CDF->CBTF", jnp.ones((2, 3, 16)), quant=WeightQuant(bits=4))
   # The matching plan, or a parent-width kernel under an EP plan, is accepted.
   w.einsum("BTD,CDF->CBTF", jnp.ones((2, 3, 16)), quant=WeightQuant(bits=2))
+
+
+def test_set_path_switches_only_weights_of_the_paths_format():
+  qt = _parent((256, 128), (0,))
+  tree = {"a": _pack(qt, 2), "b": _pack(qt, 8), "c": jnp.zeros(3)}
+  out = weights.set_path(tree, "pallas_gpu", interpret=True)
+  assert (out["a"].path, out["a"].interpret) == ("pallas_gpu", True)
+  assert out["b"].path == "auto" and out["c"] is tree["c"]
+  with pytest.raises(ValueError, match="unknown matmul path"):
+    weights.set_path(tree, "cuda")
