@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 
 from matquant_jax.serving import layouts
 
-try:  # jax >= 0.4.36 ships the Triton namespace as jax.experimental.pallas.triton
+try:  # the Triton namespace of Pallas (absent from builds without it)
   from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
   plgpu = None
