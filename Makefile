@@ -1,14 +1,19 @@
 # `make test` is the project's test command (README, .ci/run): it builds .venv from setup.py
 # with the test and parity extras, then runs the whole suite on CPU.
+# `make demo` is the README's main command: the built-in demo (needs only the base install).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .PHONY: test demo install clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.base: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install --quiet -e '.[test,parity]'
 	touch $@
 
@@ -18,9 +23,9 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-# The built-in demo (README): tokenizer, pretraining, baseline and MatQuant QAT, evaluation of
-# every slice and Mix'n'Match plan on the bundled text; table and plots in results/demo/.
-demo: $(VENV)/.installed
+# The built-in demo: tokenizer, pretraining, baseline and MatQuant QAT, OmniQuant calibration,
+# evaluation of every slice and Mix'n'Match plan on the bundled text; results in results/demo/.
+demo: $(VENV)/.base
 	$(PY) -m matquant_jax.demo
 
 clean:

@@ -247,17 +247,17 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description="matquant_jax built-in demo (see module docstring).")
   ap.add_argument("--out", default="results/demo")
   ap.add_argument("--workdir", default="runs/demo")
-  ap.add_argument("--pretrain_steps", type=int, default=600)
+  ap.add_argument("--pretrain_steps", type=int, default=500)
   ap.add_argument("--qat_steps", type=int, default=150)
   ap.add_argument("--qat_lr", type=float, default=5e-4)
   ap.add_argument("--seq_len", type=int, default=128)
   ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--eval_tokens", type=int, default=40_000)
-  ap.add_argument("--task_examples", type=int, default=200)
+  ap.add_argument("--eval_tokens", type=int, default=30_000)
+  ap.add_argument("--task_examples", type=int, default=150)
   ap.add_argument("--lambdas", type=lambda t: tuple(float(x) for x in t.split(",")),
                   default=(0.1, 0.1, 1.0), help="MatQuant λ for (int8, int4, int2)")
   ap.add_argument("--jobs", type=int, default=2, help="QAT runs trained at the same time")
-  ap.add_argument("--omniquant_steps", type=int, default=150,
+  ap.add_argument("--omniquant_steps", type=int, default=100,
                   help="OmniQuant calibration steps per block")
   ap.add_argument("--fresh", action="store_true", help="discard earlier demo runs in --workdir")
   args = ap.parse_args(argv)
