@@ -251,3 +251,17 @@ def test_kjv_next_verse_construction():
         assert chapter_of[choice] - item_chapters
   assert len({ex.label for ex in a}) == 4  # the gold position varies
   assert len(tasks.load_task("kjv_next_verse", max_examples=5).examples) == 5
+
+
+def test_kjv_verse_completion_is_held_out_and_deterministic():
+  from matquant_jax.data import sources
+  a = tasks.kjv_verse_completion_examples(20, seed=3)
+  b = tasks.kjv_verse_completion_examples(20, seed=3)
+  assert [(x.contexts, x.choices, x.label) for x in a] == [(x.contexts, x.choices, x.label) for x in b]
+  train_text = "\n".join(sources.kjv_documents("train"))
+  valid_text = "\n".join(sources.kjv_documents("validation"))
+  for item in a:
+    assert len(set(item.choices)) == 4 and 0 <= item.label < 4
+    whole = item.contexts[0] + " " + item.choices[item.label]
+    assert whole in valid_text  # the first half and its true ending form a held-out verse
+    assert all(c not in train_text or c in valid_text for c in item.choices)

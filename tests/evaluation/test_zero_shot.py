@@ -220,7 +220,7 @@ def test_task_average():
   assert {n: s.metric for n, s in tasks.TASKS.items()} == {
       "arc_challenge": "acc_norm", "arc_easy": "acc_norm", "boolq": "acc",
       "hellaswag": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
-      "kjv_next_verse": "acc_norm"}
+      "kjv_next_verse": "acc_norm", "kjv_verse_completion": "acc_norm"}
   with pytest.raises(ValueError, match="unknown metric"):
     zero_shot.task_average(results, "f1")
   with pytest.raises(ValueError, match="no task results"):
