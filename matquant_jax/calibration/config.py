@@ -42,11 +42,10 @@ from matquant_jax.calibration import transform
 from matquant_jax.models import config as model_config_lib
 from matquant_jax.training import objectives as objectives_lib
 from matquant_jax.training import sharding as sharding_lib
+from matquant_jax.training.config import PAPER_MODELS  # noqa: F401  (part of this API)
+from matquant_jax.training.config import ConfigError  # one error type for QAT and calibration
 from matquant_jax.training.config import parse_config_arg  # noqa: F401  (for configs/)
-
-
-class ConfigError(ValueError):
-  """A calibration config that cannot run; raised before anything is compiled."""
+from matquant_jax.training.config import set_paper_model
 
 
 # λ (λ8, λ4, λ2) of OmniQuant MatQuant per model family (App. B).
@@ -57,8 +56,6 @@ BUDGET_TOKENS = 10_000_000
 BUDGET_TOKENS_INT2_BASELINE = 20_000_000
 BUDGET_TOKENS_CODISTILL = 8_300_000
 
-PAPER_MODELS = {"gemma2_2b": "gemma", "gemma2_9b": "gemma", "mistral_7b": "mistral"}
-_PRESET_OF = {"gemma2_2b": "gemma2_2b", "gemma2_9b": "gemma2_9b", "mistral_7b": "mistral_7b_v0_1"}
 
 HOST_DTYPES = ("float32", "bfloat16")
 
@@ -137,14 +134,7 @@ def paper_omniquant_config(model: str) -> ml_collections.ConfigDict:
   Set the released weights and tokenizer on the command line, e.g.
   --config.init=gemma:/ckpts/gemma2-9b --config.tokenizer=/ckpts/tokenizer.model.
   """
-  if model not in PAPER_MODELS:
-    raise ValueError(f"unknown paper model {model!r}; choose one of {sorted(PAPER_MODELS)}.")
-  c = default_config()
-  c.model = _PRESET_OF[model]
-  c.init = "required"
-  c.tokenizer = "required"
-  c.objective.family = PAPER_MODELS[model]
-  return c
+  return set_paper_model(default_config(), model)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,10 @@ import ml_collections
 from ml_collections import config_dict
 
 
+class ConfigError(ValueError):
+  """A configuration that cannot run; raised before anything is compiled (QAT and calibration)."""
+
+
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = "gemma2_2b"          # a preset of matquant_jax.models.config.PRESETS
@@ -96,17 +100,23 @@ def paper_qat_config(model: str, *, ffn_attn: bool = False) -> ml_collections.Co
   (e.g. --config.init=gemma:/ckpts/gemma2-9b or hf:/ckpts/Mistral-7B-v0.1) together with the
   model's tokenizer (--config.tokenizer=/ckpts/tokenizer.model).
   """
-  if model not in PAPER_MODELS:
-    raise ValueError(f"unknown paper model {model!r}; choose one of {sorted(PAPER_MODELS)}.")
-  c = default_config()
-  c.model = _PRESET_OF[model]
-  c.init = "required"
-  c.tokenizer = "required"
-  c.objective.family = PAPER_MODELS[model]
+  c = set_paper_model(default_config(), model)
   if ffn_attn:
     # FFN + Attention runs (spec §5.5): a fixed 300M-token sample, batch 16, one epoch.
     c.objective.scope = "ffn+attn"
     c.data.max_tokens = 300_000_000
+  return c
+
+
+def set_paper_model(c: ml_collections.ConfigDict, model: str) -> ml_collections.ConfigDict:
+  """Points `c` (QAT or calibration) at one of the paper's models: its preset and λ family, with
+  the released weights and tokenizer left as required command-line settings."""
+  if model not in PAPER_MODELS:
+    raise ValueError(f"unknown paper model {model!r}; choose one of {sorted(PAPER_MODELS)}.")
+  c.model = _PRESET_OF[model]
+  c.init = "required"
+  c.tokenizer = "required"
+  c.objective.family = PAPER_MODELS[model]
   return c
 
 

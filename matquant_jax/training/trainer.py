@@ -35,12 +35,9 @@ from matquant_jax.training import metrics as metrics_lib
 from matquant_jax.training import objectives as objectives_lib
 from matquant_jax.training import optimizer as optimizer_lib
 from matquant_jax.training import sharding as sharding_lib
+from matquant_jax.training.config import ConfigError
 
 COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot run; raised before anything is compiled."""
 
 
 @struct.dataclass
