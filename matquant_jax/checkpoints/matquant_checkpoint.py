@@ -155,6 +155,26 @@ def _quantize(w, bits, axes, round_zero, gamma=None, beta=None) -> QTensor:
   return fn(jnp.asarray(w))
 
 
+def read_metadata(path: str | pathlib.Path) -> dict[str, Any]:
+  """The validated metadata.json of an int8 MatQuant checkpoint (format and version checked)."""
+  path = pathlib.Path(path)
+  meta_file = path / "metadata.json"
+  if not meta_file.exists():
+    raise FileNotFoundError(
+        f"{path} is not a MatQuant checkpoint: {meta_file} is missing. Export one with "
+        f"export_matquant_checkpoint (training does this at the end of a run).")
+  meta = json.loads(meta_file.read_text())
+  fmt = meta.get("format")
+  if fmt != FORMAT:
+    hint = (" (a serving checkpoint: load it with matquant_jax.serving.load_serving_checkpoint)"
+            if str(fmt).startswith("matquant_jax.serving") else "")
+    raise ValueError(f"{path}: format {fmt!r} is not {FORMAT!r}{hint}.")
+  if meta.get("version", 0) > VERSION:
+    raise ValueError(f"{path}: format version {meta['version']} is newer than this library "
+                     f"({VERSION}); upgrade matquant_jax.")
+  return meta
+
+
 @dataclasses.dataclass
 class MatQuantCheckpoint:
   """A loaded int8 MatQuant checkpoint; slice it with `params_for(plan)`."""
@@ -176,17 +196,7 @@ class MatQuantCheckpoint:
     on any mesh or device count.
     """
     path = pathlib.Path(path)
-    meta_file = path / "metadata.json"
-    if not meta_file.exists():
-      raise FileNotFoundError(
-          f"{path} is not a MatQuant checkpoint: {meta_file} is missing. Export one with "
-          f"export_matquant_checkpoint (training does this at the end of a run).")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-      raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}.")
-    if meta.get("version", 0) > VERSION:
-      raise ValueError(f"{path}: format version {meta['version']} is newer than this library "
-                       f"({VERSION}); upgrade matquant_jax.")
+    meta = read_metadata(path)
     config = TransformerConfig.from_dict(meta["model_config"])
     scope = Scope(meta["scope"])
     qpaths = quantized_paths(config, scope)
@@ -234,6 +244,16 @@ class MatQuantCheckpoint:
                round_zero=bool(meta["round_zero"]), qtensors=qtensors,
                floats=_common.flatten_tree(restored["float"]), metadata=meta["metadata"],
                path=path)
+
+  @classmethod
+  def from_metadata(cls, path: str | pathlib.Path, meta: Mapping[str, Any]
+                    ) -> "MatQuantCheckpoint":
+    """A checkpoint with no arrays loaded: plan checks and per-layer widths without the data
+    (what a streaming loader needs before it reads kernels one by one)."""
+    return cls(config=TransformerConfig.from_dict(meta["model_config"]), scope=Scope(meta["scope"]),
+               parent_bits=int(meta["parent_bits"]), round_zero=bool(meta["round_zero"]),
+               qtensors={}, floats={}, metadata=dict(meta.get("metadata", {})),
+               path=pathlib.Path(path))
 
   def check_plan(self, plan: PrecisionPlan) -> None:
     """Raises ValueError if `plan` cannot be served from this checkpoint."""

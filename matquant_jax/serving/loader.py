@@ -179,25 +179,9 @@ def memory_report(params: Any = None, device: jax.Device | None = None) -> dict[
 
 
 def _read_metadata(path: pathlib.Path) -> tuple[dict, mqc.MatQuantCheckpoint]:
-  meta_file = path / "metadata.json"
-  if not meta_file.exists():
-    raise FileNotFoundError(
-        f"{path} is not a MatQuant checkpoint: {meta_file} is missing. Export one with "
-        f"export_matquant_checkpoint (training does this at the end of a run).")
-  meta = json.loads(meta_file.read_text())
-  if meta.get("format") != mqc.FORMAT:
-    raise ValueError(f"{path}: format {meta.get('format')!r} is not {mqc.FORMAT!r}"
-                     + (" (this is a serving checkpoint: use load_serving_checkpoint)."
-                        if meta.get("format") == SERVING_FORMAT else "."))
-  if meta.get("version", 0) > mqc.VERSION:
-    raise ValueError(f"{path}: format version {meta['version']} is newer than this library.")
-  config = TransformerConfig.from_dict(meta["model_config"])
+  meta = mqc.read_metadata(path)
   # An empty checkpoint object gives the plan checks and per-layer widths of the real one.
-  shell = mqc.MatQuantCheckpoint(
-      config=config, scope=mqc.Scope(meta["scope"]), parent_bits=int(meta["parent_bits"]),
-      round_zero=bool(meta["round_zero"]), qtensors={}, floats={},
-      metadata=meta.get("metadata", {}), path=path)
-  return meta, shell
+  return meta, mqc.MatQuantCheckpoint.from_metadata(path, meta)
 
 
 def load_serving(path: str | pathlib.Path, plan: PrecisionPlan | str, *,
