@@ -22,20 +22,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from matquant_jax.quant import validation
-
-
-def _check_codes_range(q, parent_bits: int) -> None:
-  """Rejects concrete integer codes outside [0, 2^c − 1]; traced values are not inspected."""
-  if isinstance(q, jax.core.Tracer):
-    return
-  arr = np.asarray(q)
-  if arr.size and (arr.min() < 0 or arr.max() > 2**parent_bits - 1):
-    raise ValueError(
-        f"codes out of range for a {parent_bits}-bit parent: found values in "
-        f"[{arr.min()}, {arr.max()}], expected [0, {2**parent_bits - 1}].")
 
 
 def slice_index(q: jax.Array, bits: int, parent_bits: int = 8, *,
@@ -48,7 +36,7 @@ def slice_index(q: jax.Array, bits: int, parent_bits: int = 8, *,
   bits, parent_bits = validation.check_slice_bits(bits, parent_bits)
   shift = parent_bits - bits
   if jnp.issubdtype(jnp.asarray(q).dtype, jnp.integer):
-    _check_codes_range(q, parent_bits)
+    validation.check_codes_in_range(q, parent_bits, f"a {parent_bits}-bit parent")
     qi = jnp.asarray(q).astype(jnp.int32)
     if shift == 0:
       return qi

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
+import numpy as np
+
 MAX_PARENT_BITS = 8
 
 
@@ -52,3 +55,16 @@ def normalize_axes(axes: int | Sequence[int], ndim: int, name: str = "reduce_axe
   if len(set(out)) != len(out):
     raise ValueError(f"{name}={axes} names the same axis twice (rank {ndim}).")
   return tuple(sorted(out))
+
+
+def check_codes_in_range(codes, bits: int, what: str, hint: str = "") -> None:
+  """Rejects concrete integer codes outside [0, 2^bits − 1]; traced values cannot be inspected.
+
+  The message reads "codes out of range for {what}: found [lo, hi], expected [0, max].{hint}".
+  """
+  if isinstance(codes, jax.core.Tracer):
+    return
+  arr = np.asarray(codes)
+  if arr.size and (arr.min() < 0 or arr.max() > 2**bits - 1):
+    raise ValueError(f"codes out of range for {what}: found [{arr.min()}, {arr.max()}], "
+                     f"expected [0, {2**bits - 1}].{hint}")
