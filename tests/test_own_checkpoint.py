@@ -226,3 +226,21 @@ def test_transformers_loads_our_llama_and_the_int2_export(own_ckpt, tmp_path):
       {"params": params}, jnp.asarray(ids, jnp.int32))
   ours = ours[0] if isinstance(ours, tuple) else ours
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-4, rtol=2e-4)
+
+
+def test_calibration_and_paper_configs_take_the_checkpoints_architecture(own_ckpt):
+  from matquant_jax.calibration import config as calib_config
+  from matquant_jax.training import config as train_config
+  from matquant_jax.training import trainer
+  _, src, config, _ = own_ckpt
+  c = calib_config.default_config()
+  c.model, c.init = "auto", f"hf:{src}"
+  assert calib_config.resolve(c).model.replace(name=config.name) == config
+  q = train_config.paper_qat_config("auto")
+  q.init, q.tokenizer = f"hf:{src}", "auto"
+  setup = trainer.resolve(q)
+  assert setup.model.replace(name=config.name) == config
+  assert setup.objective.weights == (0.2, 0.2, 1.0)   # Llama-style norms: the mistral λ
+  q.init = "random"
+  with pytest.raises(trainer.ConfigError, match="takes the architecture from"):
+    trainer.resolve(q)
