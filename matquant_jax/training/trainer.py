@@ -102,8 +102,10 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
     if not d.max_tokens:
       raise ConfigError("config.num_steps=0 derives the step count from config.data.max_tokens, "
                         "which is 0 too; set one of them.")
-    epochs = max(int(d.num_epochs), 1)
-    num_steps = epochs * (int(d.max_tokens) // (d.global_batch_size * d.seq_len))
+    # One source for the step count: the data pipeline's own count of the batches it yields
+    # under the token budget (the last, partly filled row counts: 100M tokens -> 763 steps).
+    from matquant_jax.data import lm
+    num_steps = lm.budget_num_batches(data_config(config), jax.process_count()) or 0
     if num_steps <= 0:
       raise ConfigError(f"config.data.max_tokens={d.max_tokens} is less than one batch "
                         f"({d.global_batch_size}×{d.seq_len} tokens).")
@@ -202,11 +204,9 @@ def state_shardings(setup: Setup, tx):
   abstract = jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh), shapes, p_shard)
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
-  # XLA propagates the params' shardings into the moments; scalars (Adam's count) come back
-  # on one device and must live on the mesh like everything else.
-  opt_shard = jax.tree_util.tree_map(
-      lambda sh: sh if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == setup.mesh
-      else replicated, jax.jit(tx.init).lower(abstract).compile().output_shardings)
+  # Adam's moments sharded exactly like their params (ZeRO-3); counts replicated.
+  opt_shard = sharding_lib.state_shardings_like_params(
+      jax.eval_shape(tx.init, abstract), abstract, p_shard, setup.mesh)
   return TrainState(step=replicated, params=p_shard, opt_state=opt_shard), abstract, notes
 
 
