@@ -58,6 +58,9 @@ class Setup:
   seq_len: int
   global_batch_size: int
   train_scope: str
+  scan_layers: bool = False       # params in the stacked layout, the stack run as one nn.scan
+  remat: str = "none"             # transformer.REMAT_POLICIES
+  loss_chunk_size: int = 0        # sequence tokens per loss chunk; 0 = full logits
 
 
 def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
@@ -117,10 +120,24 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
   for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[f] <= 0:
       raise ConfigError(f"config.{f}={config[f]} must be positive.")
+  if config.remat not in transformer_lib.REMAT_POLICIES:
+    raise ConfigError(f"config.remat={config.remat!r}; choose one of "
+                      f"{sorted(transformer_lib.REMAT_POLICIES)} (what the backward pass keeps).")
+  if config.remat != "none" and not config.scan_layers:
+    raise ConfigError(f"config.remat={config.remat!r} needs config.scan_layers=True.")
+  period = transformer_lib.layer_period(model)
+  if config.scan_layers and model.num_layers % period:
+    raise ConfigError(f"config.scan_layers=True: {model.name} has {model.num_layers} layers, "
+                      f"not a multiple of its {period}-layer local/global group; set "
+                      f"--config.scan_layers=False.")
+  if config.loss_chunk_size < 0:
+    raise ConfigError(f"config.loss_chunk_size={config.loss_chunk_size} must be >= 0 "
+                      f"(0 = whole-sequence logits).")
   return Setup(model=model, objective=objective, mesh=mesh,
                compute_dtype=COMPUTE_DTYPES[config.compute_dtype], num_steps=num_steps,
                seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
-               train_scope=config.train_scope)
+               train_scope=config.train_scope, scan_layers=bool(config.scan_layers),
+               remat=config.remat, loss_chunk_size=int(config.loss_chunk_size))
 
 
 def fake_quant_params(params, objective: objectives_lib.Objective, bits):
@@ -136,30 +153,42 @@ def fake_quant_params(params, objective: objectives_lib.Objective, bits):
 
   def one(path, w):
     keys = [getattr(k, "key", None) for k in path]
-    if len(keys) >= 2 and keys[0].startswith("layer_") and keys[-2] in names:
-      return fake_quant_lib.fake_quant(w, bits, objective.parent_bits,
-                                       model_config_lib.QUANT_REDUCE_AXES[keys[-2]],
-                                       extra_precision=objective.extra_precision)
+    if len(keys) >= 2 and keys[-2] in names and (keys[0].startswith("layer_") or
+                                                  keys[0] == "layers"):
+      # The stacked layout has a leading layer axis: statistics stay per layer.
+      shift = 1 if keys[0] == "layers" else 0
+      return fake_quant_lib.fake_quant(
+          w, bits, objective.parent_bits,
+          tuple(a + shift for a in model_config_lib.QUANT_REDUCE_AXES[keys[-2]]),
+          extra_precision=objective.extra_precision)
     return w
 
   return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_dtype):
-  """(params, batch, bits) -> logits, for objectives.loss_and_grads."""
-  module = transformer_lib.Transformer(model, dtype=compute_dtype)
+def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_dtype, *,
+                  scan_layers: bool = False, remat: str = "none", mesh=None,
+                  return_hidden: bool = False):
+  """(params, batch, bits) -> logits (or final hidden states), for objectives.loss_and_grads.
+
+  With a mesh, activations are pinned to the logical axes of sharding.DEFAULT_RULES.
+  """
+  module = transformer_lib.Transformer(
+      model, dtype=compute_dtype, scan_layers=scan_layers, remat=remat, mesh=mesh,
+      axis_rules=None if mesh is None else sharding_lib.DEFAULT_RULES)
 
   def apply_fn(params, batch, bits):
     if bits is not None:
       params = fake_quant_params(params, objective, bits)
     return module.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                        segment_ids=batch.get("segment_ids"))
+                        segment_ids=batch.get("segment_ids"), return_hidden=return_hidden)
   return apply_fn
 
 
-def trainable_mask(model: model_config_lib.TransformerConfig, scope: Scope, train_scope: str):
+def trainable_mask(model: model_config_lib.TransformerConfig, scope: Scope, train_scope: str,
+                   scan_layers: bool = False):
   """True for the params that train: all, or only the quantized kernels."""
-  shapes = transformer_lib.param_shapes(model)
+  shapes = transformer_lib.param_shapes(model, scan_layers=scan_layers)
   if train_scope == "all":
     return jax.tree_util.tree_map(lambda _: True, shapes)
   kinds = {Scope.FFN: {"mlp"}, Scope.ATTN: {"attn"}, Scope.FFN_ATTN: {"mlp", "attn"}}[scope]
@@ -174,16 +203,26 @@ def make_optimizer(config, setup: Setup):
       final_lr_fraction=o.final_lr_fraction, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
       eps=o.eps, grad_clip_norm=o.grad_clip_norm,
       trainable_mask=(None if setup.train_scope == "all" else
-                      trainable_mask(setup.model, setup.objective.scope, setup.train_scope)))
+                      trainable_mask(setup.model, setup.objective.scope, setup.train_scope,
+                                     setup.scan_layers)))
 
 
 def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
   """The (unjitted) step: (state, batch) -> (state, metrics)."""
-  apply_fn = make_apply_fn(setup.model, setup.objective, setup.compute_dtype)
+  chunked = setup.loss_chunk_size > 0
+  apply_fn = make_apply_fn(setup.model, setup.objective, setup.compute_dtype,
+                           scan_layers=setup.scan_layers, remat=setup.remat, mesh=setup.mesh,
+                           return_hidden=chunked)
+  head = None
+  if chunked:
+    def head(params, hidden):
+      return transformer_lib.head_logits(setup.model, params, hidden, setup.compute_dtype)
+  p_shard, _ = param_shardings(setup)
 
   def step(state: TrainState, batch):
-    loss, grads, metrics = objectives_lib.loss_and_grads(setup.objective, apply_fn,
-                                                         state.params, batch)
+    loss, grads, metrics = objectives_lib.loss_and_grads(
+        setup.objective, apply_fn, state.params, batch, head=head,
+        chunk=setup.loss_chunk_size, grad_shardings=p_shard)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -196,11 +235,19 @@ def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
   return step
 
 
+def param_shardings(setup: Setup, scan_layers: bool | None = None):
+  """(NamedShardings of the params from their logical axes, notes); the setup's layout unless
+  scan_layers says which."""
+  scan = setup.scan_layers if scan_layers is None else scan_layers
+  return sharding_lib.param_shardings(
+      transformer_lib.logical_axes(setup.model, scan_layers=scan),
+      transformer_lib.param_shapes(setup.model, scan_layers=scan), setup.mesh)
+
+
 def state_shardings(setup: Setup, tx):
-  """Shardings of TrainState (params from logical axes; optimizer state from compilation)."""
-  shapes = transformer_lib.param_shapes(setup.model)
-  p_shard, notes = sharding_lib.param_shardings(
-      transformer_lib.logical_axes(setup.model), shapes, setup.mesh)
+  """Shardings of TrainState: params from logical axes, optimizer state exactly like them."""
+  shapes = transformer_lib.param_shapes(setup.model, scan_layers=setup.scan_layers)
+  p_shard, notes = param_shardings(setup)
   abstract = jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh), shapes, p_shard)
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
@@ -298,12 +345,18 @@ def initial_params(config, setup: Setup, shardings, rng):
   spec = config.init
   model = setup.model
   if spec == "random":
-    module = transformer_lib.Transformer(model)
+    module = transformer_lib.Transformer(model, scan_layers=setup.scan_layers)
     init = jax.jit(lambda key: jax.tree_util.tree_map(
         lambda x: x.astype(jnp.float32),
         __import__("flax").linen.meta.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32)))["params"]),
         out_shardings=shardings)
     return init(rng)
+  if setup.scan_layers:
+    # Every reader yields the per-layer layout: load it sharded, then stack on the devices.
+    per_layer = initial_params(config, dataclasses.replace(setup, scan_layers=False),
+                               param_shardings(setup, scan_layers=False)[0], rng)
+    return jax.jit(lambda p: transformer_lib.stack_layers(p, model),
+                   out_shardings=shardings, donate_argnums=0)(per_layer)
   kind, _, path = spec.partition(":")
   if kind == "run":
     import orbax.checkpoint as ocp
@@ -441,13 +494,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   final = workdir / "final_params"
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(final, state.params, force=True)
+  # Outside the train state, params are always in the per-layer layout (readers, export).
+  final_params = state.params
+  if setup.scan_layers:
+    final_params = jax.jit(lambda p: transformer_lib.unstack_layers(p, setup.model),
+                           out_shardings=param_shardings(setup, scan_layers=False)[0])(
+                               state.params)
+  ckptr.save(final, final_params, force=True)
   ckptr.wait_until_finished()
   summary = {"steps": step, "final_metrics": last_metrics, "memory": mem,
              "final_params": str(final)}
   if config.export and setup.objective.method != "bf16":
     path = export_matquant_checkpoint(
-        workdir / "matquant_int8", setup.model, state.params, scope=setup.objective.scope,
+        workdir / "matquant_int8", setup.model, final_params, scope=setup.objective.scope,
         parent_bits=setup.objective.parent_bits, overwrite=True,
         metadata={"objective": setup.objective.describe(), "steps": step,
                   "config": json.loads(config.to_json_best_effort())})
@@ -458,7 +517,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
 
 def _abstract_state(setup: Setup, tx, shardings: TrainState) -> TrainState:
-  shapes = transformer_lib.param_shapes(setup.model)
+  shapes = transformer_lib.param_shapes(setup.model, scan_layers=setup.scan_layers)
   params = jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh), shapes,
       shardings.params)
