@@ -212,6 +212,8 @@ class Transformer(nn.Module):
   remat: str = "none"         # with scan_layers: a key of REMAT_POLICIES
   mesh: Any = None            # with axis_rules: sharding constraints on the activations
   axis_rules: Any = None
+  unroll_scan: bool = False   # unroll the layer scan in HLO (XLA's cost model counts a loop
+                              # body once; training/aot.py unrolls to count every layer)
 
   def _scanned_stack(self, x, positions, segment_ids):
     cfg = self.config
@@ -236,6 +238,7 @@ class Transformer(nn.Module):
       group = nn.remat(group, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers // period,
+                      unroll=cfg.num_layers // period if self.unroll_scan else 1,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = scanned(config=cfg, quants=tuple(quants), dtype=self.dtype,
                    param_dtype=self.param_dtype, mesh=self.mesh, axis_rules=self.axis_rules,

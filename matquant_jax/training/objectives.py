@@ -248,7 +248,8 @@ def chunk_length(seq_len: int, chunk: int) -> int:
 
 def chunked_losses(head, params, hidden: jax.Array, targets: jax.Array, mask: jax.Array, *,
                    chunk: int, teacher_hidden: jax.Array | None = None, kind: str = "kl",
-                   stop_teacher_grad: bool = True, dist_flag: jax.Array | None = None):
+                   stop_teacher_grad: bool = True, dist_flag: jax.Array | None = None,
+                   unroll: bool = False):
   """Cross-entropy (and distillation) from hidden states, `chunk` tokens of the sequence at a
   time, so the [B, T, V] logits are never materialized (only [B, chunk, V] per step, also in
   the backward pass, which recomputes each chunk's logits: jax.checkpoint).
@@ -292,7 +293,7 @@ def chunked_losses(head, params, hidden: jax.Array, targets: jax.Array, mask: ja
       d = dist() if dist_flag is None else jax.lax.cond(dist_flag > 0, dist, lambda: zero)
     return (carry[0] + ce, carry[1] + d), None
 
-  (ce, d), _ = jax.lax.scan(body, (zero, zero), xs)
+  (ce, d), _ = jax.lax.scan(body, (zero, zero), xs, unroll=bool(unroll))
   count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
   return ce / count, d / count
 
@@ -304,6 +305,7 @@ class _Losses:
   chunk: int = 0
   kind: str = "kl"
   stop_teacher_grad: bool = True
+  unroll: bool = False
 
   def __call__(self, p, out, targets, mask, t_out=None, dist_flag=None):
     """(cross-entropy, distillation toward t_out or 0); t_out is already stop_gradient'ed by
@@ -311,7 +313,8 @@ class _Losses:
     if self.head is not None:
       return chunked_losses(self.head, p, out, targets, mask, chunk=self.chunk,
                             teacher_hidden=t_out, kind=self.kind,
-                            stop_teacher_grad=self.stop_teacher_grad, dist_flag=dist_flag)
+                            stop_teacher_grad=self.stop_teacher_grad, dist_flag=dist_flag,
+                            unroll=self.unroll)
     ce = cross_entropy(out, targets, mask)
     if t_out is None:
       return ce, jnp.zeros((), jnp.float32)
@@ -326,7 +329,7 @@ ApplyFn = Callable[[object, Mapping[str, jax.Array], "int | jax.Array | None"], 
 
 def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mapping[str, jax.Array],
                    *, scan: bool = True, head: Callable | None = None, chunk: int = 1024,
-                   grad_shardings=None):
+                   grad_shardings=None, unroll: bool = False):
   """Total loss, its gradient and per-bit-width metrics for one batch.
 
   `apply_fn(params, batch, bits)` returns logits [B, T, V] of the model with the objective's
@@ -354,6 +357,7 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
     chunk: sequence tokens per loss chunk (with `head`).
     grad_shardings: optional shardings (a tree like params) for the gradients and the f32
       accumulator of the scan over widths, so they stay sharded like the params.
+    unroll: unroll the scans (widths, loss chunks) in HLO; same numbers, for cost analysis.
 
   Returns:
     (loss, grads, metrics): metrics has 'loss', 'ce_int{r}' for every width (the plain
@@ -363,7 +367,7 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
   mask = batch["loss_mask"].astype(jnp.float32)
   targets = batch["targets"]
   losses = _Losses(head=head, chunk=chunk, kind=objective.distill_loss,
-                   stop_teacher_grad=objective.stop_teacher_grad)
+                   stop_teacher_grad=objective.stop_teacher_grad, unroll=unroll)
   constrain = _constrainer(grad_shardings)
 
   if objective.method == "bf16":
@@ -373,7 +377,7 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
     return loss, constrain(grads), {"loss": loss, "ce_bf16": loss}
   if scan and len(objective.bits) > 1 and len(objective.teachers) <= 1:
     loss, grads, metrics = _scanned(objective, apply_fn, params, batch, mask, targets, losses,
-                                    constrain)
+                                    constrain, unroll)
   else:
     loss, grads, metrics = _unrolled(objective, apply_fn, params, batch, mask, targets, losses,
                                      constrain)
@@ -437,7 +441,7 @@ def _add_teacher_grads(objective, apply_fn, params, batch, grads, cotangents, te
 
 
 def _scanned(objective, apply_fn, params, batch, mask, targets, losses=_Losses(),
-             constrain=lambda t: t):
+             constrain=lambda t: t, unroll=False):
   bits = objective.bits
   teacher = objective.teachers[0] if objective.teachers else None
   students = {s for _, s in objective.distill}
@@ -482,7 +486,7 @@ def _scanned(objective, apply_fn, params, batch, mask, targets, losses=_Losses()
   zeros = constrain(jax.tree_util.tree_map(jnp.zeros_like, params))
   t_cot0 = None if t_init is None or objective.stop_teacher_grad else jnp.zeros_like(t_init)
   (grads, total, t_logits, t_cot), (ces, ds) = jax.lax.scan(
-      body, (zeros, jnp.zeros((), jnp.float32), t_init, t_cot0), xs)
+      body, (zeros, jnp.zeros((), jnp.float32), t_init, t_cot0), xs, unroll=bool(unroll))
   if t_cot is not None:
     grads = _add_teacher_grads(objective, apply_fn, params, batch, grads, {teacher: t_cot},
                                {teacher: t_logits})

@@ -61,6 +61,7 @@ class Setup:
   scan_layers: bool = False       # params in the stacked layout, the stack run as one nn.scan
   remat: str = "none"             # transformer.REMAT_POLICIES
   loss_chunk_size: int = 0        # sequence tokens per loss chunk; 0 = full logits
+  unroll_scans: bool = False      # unroll every scan in HLO (only for XLA's cost analysis)
 
 
 def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
@@ -168,14 +169,14 @@ def fake_quant_params(params, objective: objectives_lib.Objective, bits):
 
 def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_dtype, *,
                   scan_layers: bool = False, remat: str = "none", mesh=None,
-                  return_hidden: bool = False):
+                  return_hidden: bool = False, unroll_scan: bool = False):
   """(params, batch, bits) -> logits (or final hidden states), for objectives.loss_and_grads.
 
   With a mesh, activations are pinned to the logical axes of sharding.DEFAULT_RULES.
   """
   module = transformer_lib.Transformer(
       model, dtype=compute_dtype, scan_layers=scan_layers, remat=remat, mesh=mesh,
-      axis_rules=None if mesh is None else sharding_lib.DEFAULT_RULES)
+      axis_rules=None if mesh is None else sharding_lib.DEFAULT_RULES, unroll_scan=unroll_scan)
 
   def apply_fn(params, batch, bits):
     if bits is not None:
@@ -212,7 +213,7 @@ def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
   chunked = setup.loss_chunk_size > 0
   apply_fn = make_apply_fn(setup.model, setup.objective, setup.compute_dtype,
                            scan_layers=setup.scan_layers, remat=setup.remat, mesh=setup.mesh,
-                           return_hidden=chunked)
+                           return_hidden=chunked, unroll_scan=setup.unroll_scans)
   head = None
   if chunked:
     def head(params, hidden):
@@ -222,7 +223,7 @@ def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
   def step(state: TrainState, batch):
     loss, grads, metrics = objectives_lib.loss_and_grads(
         setup.objective, apply_fn, state.params, batch, head=head,
-        chunk=setup.loss_chunk_size, grad_shardings=p_shard)
+        chunk=setup.loss_chunk_size, grad_shardings=p_shard, unroll=setup.unroll_scans)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -397,6 +398,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   from matquant_jax.checkpoints.matquant_checkpoint import export_matquant_checkpoint
   from matquant_jax.data import lm
 
+  if config.aot_topology:
+    return aot_topology_report(config)
   workdir = pathlib.Path(workdir).absolute()
   setup = resolve(config)
   dcfg = data_config(config)
@@ -514,6 +517,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     summary["export"] = str(path)
   log.close()
   return summary
+
+
+def aot_topology_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compiles the train step for `config.aot_topology` (e.g. "v5e:8x8") and reports it.
+
+  No TPU is needed, only libtpu (training/aot.py). Returns the report (aot.compile_report's
+  fields plus the run's shape); a step that does not fit has fits=False, not an exception.
+  """
+  from matquant_jax.training import aot
+  if not config.aot_only:
+    raise ConfigError(f"config.aot_topology={config.aot_topology!r} compiles for a topology "
+                      f"this host does not have: add --config.aot_only=True.")
+  try:
+    devices = aot.topology_devices(config.aot_topology)
+  except aot.TopologyError as e:
+    raise ConfigError(f"config.aot_topology: {e}") from None
+  setup = resolve(config, devices=devices)
+  tx, schedule = make_optimizer(config, setup)
+  passes = max(len(setup.objective.bits), 1)
+  model_flops = (metrics_lib.train_flops_per_token(setup.model, setup.seq_len) *
+                 setup.global_batch_size * setup.seq_len * passes / len(devices))
+  unrolled = dataclasses.replace(setup, unroll_scans=True)
+  return aot.compile_report(
+      lambda: compile_step(setup, tx, schedule)[1], devices, model_flops,
+      cost_compile_fn=lambda: compile_step(unrolled, tx, schedule)[1],
+      topology=config.aot_topology, mesh=dict(setup.mesh.shape), model=setup.model.name,
+      objective=setup.objective.describe(), seq_len=setup.seq_len,
+      global_batch_size=setup.global_batch_size, scan_layers=setup.scan_layers,
+      remat=setup.remat, loss_chunk_size=setup.loss_chunk_size)
 
 
 def _abstract_state(setup: Setup, tx, shardings: TrainState) -> TrainState:
