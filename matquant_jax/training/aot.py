@@ -63,6 +63,9 @@ def topology_devices(name: str) -> list[jax.Device]:
   import os
   # Off a TPU VM, libtpu would query the GCE metadata server (slow, noisy); it is not needed.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Compiling touches no TPU: let several processes (tests, a benchmark) load libtpu at once
+  # instead of failing on its single-user lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform="tpu", topology_name=name)

@@ -77,3 +77,16 @@ def test_a_step_that_does_not_fit_reports_fits_false():
 def test_unknown_topology_is_a_config_error():
   with pytest.raises(ConfigError, match="v5e:8x8"):
     trainer.aot_topology_report(tiny_config(aot_only=True, aot_topology="v5e:3x7x9x2"))
+
+
+@needs_libtpu
+def test_calibration_block_step_compiles_for_a_v5e_topology():
+  from matquant_jax.calibration import pipeline
+  import runpy
+  c = runpy.run_path(str(REPO / "configs" / "tiny_omniquant.py"))["get_config"]()
+  c.aot_only = True
+  c.aot_topology = "v5e:2x2"
+  report = pipeline.run(c, "/nonexistent")
+  for f in FIELDS:
+    assert report[f] is not None, f
+  assert report["fits"] is True and report["num_devices"] == report["mesh"]["data"]
