@@ -4,7 +4,9 @@
         [--config.num_steps=400 --config.objective.method=baseline --config.objective.bits=(4,)]
 
 Rerunning the same command resumes from the workdir's latest checkpoint. `--config.aot_only=True`
-compiles the train step for this host's devices and reports its memory without training.
+compiles the train step for this host's devices and reports its memory without training; with
+`--config.aot_topology=v5e:8x8` (needs libtpu, no TPU) it compiles for that TPU topology and
+prints one JSON report as the last line (training/aot.py).
 On a TPU pod, run the same command on every worker (see launch/); `jax.distributed` is
 initialised automatically when the environment describes several processes.
 """
