@@ -88,3 +88,25 @@ def test_scanned_chunked_step_equals_per_layer_full_logits_step(codistill):
   assert l_layer == pytest.approx(l_scan, rel=1e-5)
   for x, y in zip(jax.tree_util.tree_leaves(p_layer), jax.tree_util.tree_leaves(p_scan)):
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"remat": "some"}, "config.remat='some'"),
+    ({"remat": "full", "scan_layers": False}, "needs config.scan_layers=True"),
+    ({"loss_chunk_size": -1}, "loss_chunk_size"),
+])
+def test_pod_scale_options_are_validated(overrides, match):
+  from matquant_jax.training.config import ConfigError
+  with pytest.raises(ConfigError, match=match):
+    trainer.resolve(tiny_config(**overrides), devices=jax.devices()[:1])
+
+
+def test_paper_step_count_is_the_data_pipelines_batch_count():
+  # One source: 100M tokens / (16 × 8192) packs into 12,208 rows -> 763 batches (the last row
+  # partly filled), and the LR schedule runs exactly that many steps.
+  from matquant_jax.data import lm
+  from matquant_jax.training.config import paper_qat_config
+  c = paper_qat_config("gemma2_9b")
+  c.aot_only = True
+  setup = trainer.resolve(c, devices=jax.devices()[:1])
+  assert setup.num_steps == lm.budget_num_batches(trainer.data_config(c)) == 763
