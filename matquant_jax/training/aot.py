@@ -19,11 +19,14 @@ Report fields (one JSON object, the last line the CLIs print):
   flops_per_device, bytes_accessed_per_device, cost_model_step_seconds (XLA's optimal_seconds)
   model_flops_per_device   the model's FLOPs per step (every bit-width pass counted) / devices
   est_mfu                  model_flops_per_device / (cost_model_step_seconds × chip peak)
-  cost_from                "unrolled": the cost fields come from a second compile of the same
-                           step with every scan unrolled (XLA's cost analysis counts a while
+  cost_from                how the cost fields were obtained. XLA's cost analysis counts a while
                            loop's body once, so the scanned program under-reports by the trip
-                           counts); "scanned" when only the scanned program was analysed
-                           (then flops and seconds are per loop body, under-estimates)
+                           counts. "unrolled": a second compile of the same step with every
+                           scan unrolled; "unrolled, depth-extrapolated": unrolled compiles of
+                           the model cut to 1 and 2 layer groups, extrapolated linearly to the
+                           full depth (what the trainer does: a full-depth unrolled program
+                           need not fit, and compiles slowly); "scanned": loop bodies counted
+                           once (under-estimates)
 """
 
 from __future__ import annotations
@@ -94,14 +97,31 @@ def _oom_figures(message: str) -> tuple[float, float] | None:
   return used, limit
 
 
+def cost_dict(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled program: flops, bytes accessed, optimal_seconds."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  return {k: float(cost[k]) for k in ("flops", "bytes accessed", "optimal_seconds")
+          if k in cost}
+
+
+def extrapolate_depth(cost_1: dict[str, float], cost_2: dict[str, float],
+                      groups: int) -> dict[str, float]:
+  """Costs at `groups` layer groups from those at 1 and 2 (linear in depth)."""
+  return {k: cost_1[k] + (groups - 1) * (cost_2[k] - cost_1[k])
+          for k in cost_1 if k in cost_2}
+
+
 def compile_report(compile_fn: Callable[[], Any], devices: Sequence[jax.Device],
-                   model_flops_per_device: float, *, cost_compile_fn=None,
+                   model_flops_per_device: float, *, cost_fn=None, cost_label="unrolled",
                    **fields) -> dict[str, Any]:
   """Compiles (compile_fn() -> jax.stages.Compiled) and reports memory, cost and MFU.
 
-  cost_compile_fn: optional second compile of the same computation with its loops unrolled,
-  used only for the cost fields (see cost_from). `fields` (topology, mesh, ...) are copied
-  into the report first.
+  cost_fn: optional () -> cost_dict(...) of the same computation with its loops unrolled,
+  used for the cost fields instead of the scanned program's (cost_from = cost_label).
+  `fields` (topology, mesh, ...) are copied into the report first.
   """
   device = devices[0]
   hbm = hbm_bytes(device)
@@ -124,18 +144,15 @@ def compile_report(compile_fn: Callable[[], Any], devices: Sequence[jax.Device],
   peak = float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
                m.temp_size_in_bytes + m.generated_code_size_in_bytes)
   cost_from = "scanned"
-  cost_compiled = compiled
-  if cost_compile_fn is not None:
+  cost = cost_dict(compiled)
+  if cost_fn is not None:
     try:
-      cost_compiled = cost_compile_fn()
-      cost_from = "unrolled"
+      cost = cost_fn()
+      cost_from = cost_label
     except Exception as e:  # the unrolled program may not fit where the scanned one does
       if _oom_figures(str(e)) is None:
         raise
-  cost = cost_compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  cost = cost or {}
+      out["cost_note"] = "the unrolled program ran out of memory: costs of the scanned one"
   out["cost_from"] = cost_from
   seconds = cost.get("optimal_seconds")
   seconds = float(seconds) if seconds is not None and seconds > 0 else None

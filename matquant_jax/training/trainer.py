@@ -538,14 +538,33 @@ def aot_topology_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
   passes = max(len(setup.objective.bits), 1)
   model_flops = (metrics_lib.train_flops_per_token(setup.model, setup.seq_len) *
                  setup.global_batch_size * setup.seq_len * passes / len(devices))
-  unrolled = dataclasses.replace(setup, unroll_scans=True)
   return aot.compile_report(
       lambda: compile_step(setup, tx, schedule)[1], devices, model_flops,
-      cost_compile_fn=lambda: compile_step(unrolled, tx, schedule)[1],
+      cost_fn=lambda: _unrolled_cost(config, setup),
+      cost_label="unrolled" if not setup.scan_layers else "unrolled, depth-extrapolated",
       topology=config.aot_topology, mesh=dict(setup.mesh.shape), model=setup.model.name,
       objective=setup.objective.describe(), seq_len=setup.seq_len,
       global_batch_size=setup.global_batch_size, scan_layers=setup.scan_layers,
       remat=setup.remat, loss_chunk_size=setup.loss_chunk_size)
+
+
+def _unrolled_cost(config, setup: Setup) -> dict[str, float]:
+  """XLA's cost of the step with every scan unrolled (aot.compile_report's cost_fn).
+
+  XLA counts a loop body once. With scanned layers, the unrolled step is compiled for the model
+  cut to 1 and 2 layer groups and extrapolated linearly to the full depth (aot.cost_dict).
+  """
+  from matquant_jax.training import aot
+  unrolled = dataclasses.replace(setup, unroll_scans=True)
+  if not setup.scan_layers:
+    return aot.cost_dict(compile_step(unrolled, *make_optimizer(config, unrolled))[1])
+  period = transformer_lib.layer_period(setup.model)
+  groups = setup.model.num_layers // period
+  costs = []
+  for g in (1, 2):
+    cut = dataclasses.replace(unrolled, model=setup.model.replace(num_layers=g * period))
+    costs.append(aot.cost_dict(compile_step(cut, *make_optimizer(config, cut))[1]))
+  return aot.extrapolate_depth(costs[0], costs[1], groups)
 
 
 def _abstract_state(setup: Setup, tx, shardings: TrainState) -> TrainState:
