@@ -55,8 +55,9 @@ def test_train_cli_compiles_for_a_v5e_topology_and_prints_the_report_last(tmp_pa
   assert report["device_kind"] == "TPU v5 lite" and report["num_devices"] == 4
   assert report["fits"] is True and report["hbm_bytes_per_device"] == 15.75 * 2**30
   assert 0 < report["peak_bytes_per_device"] < 2**30
-  # Costs come from the unrolled program: at least the model's FLOPs (3 passes, remat on top).
-  assert report["cost_from"] == "unrolled"
+  # Costs come from unrolled programs (1 and 2 layer groups, extrapolated to the full depth):
+  # at least the model's FLOPs (3 passes, remat on top).
+  assert report["cost_from"] == "unrolled, depth-extrapolated"
   assert report["flops_per_device"] >= report["model_flops_per_device"]
   assert 0 < report["est_mfu"] < 1
 
