@@ -16,7 +16,10 @@ Report fields (one JSON object, the last line the CLIs print):
   fits                     peak <= hbm; a compile that runs out of memory reports false with
                            XLA's figure (its temporaries: a lower bound of the peak) and
                            xla_error instead of raising
-  flops_per_device, bytes_accessed_per_device, cost_model_step_seconds (XLA's optimal_seconds)
+  flops_per_device, bytes_accessed_per_device, cost_model_step_seconds (XLA's optimal_seconds;
+                           when XLA returns a non-positive one, as it does for large programs,
+                           the roofline max(flops / peak, bytes / HBM bandwidth) of XLA's own
+                           counts: seconds_from says which)
   model_flops_per_device   the model's FLOPs per step (every bit-width pass counted) / devices
   est_mfu                  model_flops_per_device / (cost_model_step_seconds × chip peak)
   cost_from                how the cost fields were obtained. XLA's cost analysis counts a while
@@ -80,6 +83,19 @@ def topology_devices(name: str) -> list[jax.Device]:
   return list(topo.devices)
 
 
+# HBM bandwidth, bytes/s per chip (for the roofline fallback of cost_model_step_seconds).
+HBM_BANDWIDTH = (("TPU v5 lite", 819e9), ("TPU v5e", 819e9), ("TPU v5p", 2765e9),
+                 ("TPU v5", 2765e9), ("TPU v6", 1640e9), ("TPU v4", 1228e9))
+
+
+def hbm_bandwidth(device: jax.Device) -> float | None:
+  kind = device.device_kind.lower()
+  for key, bw in HBM_BANDWIDTH:
+    if key.lower() in kind:
+      return bw
+  return None
+
+
 def hbm_bytes(device: jax.Device) -> float | None:
   kind = device.device_kind.lower()
   for key, size in HBM_BYTES:
@@ -110,8 +126,10 @@ def cost_dict(compiled) -> dict[str, float]:
 def extrapolate_depth(cost_1: dict[str, float], cost_2: dict[str, float],
                       groups: int) -> dict[str, float]:
   """Costs at `groups` layer groups from those at 1 and 2 (linear in depth)."""
-  return {k: cost_1[k] + (groups - 1) * (cost_2[k] - cost_1[k])
-          for k in cost_1 if k in cost_2}
+  out = {k: cost_1[k] + (groups - 1) * (cost_2[k] - cost_1[k]) for k in cost_1 if k in cost_2}
+  if min(cost_1.get("optimal_seconds", -1), cost_2.get("optimal_seconds", -1)) <= 0:
+    out.pop("optimal_seconds", None)  # XLA's figure is invalid: use the roofline
+  return out
 
 
 def compile_report(compile_fn: Callable[[], Any], devices: Sequence[jax.Device],
@@ -155,7 +173,18 @@ def compile_report(compile_fn: Callable[[], Any], devices: Sequence[jax.Device],
       out["cost_note"] = "the unrolled program ran out of memory: costs of the scanned one"
   out["cost_from"] = cost_from
   seconds = cost.get("optimal_seconds")
-  seconds = float(seconds) if seconds is not None and seconds > 0 else None
+  out["seconds_from"] = "xla_optimal_seconds"
+  if seconds is None or seconds <= 0:
+    # XLA's optimal_seconds comes back negative for large programs (seen with libtpu 0.0.42);
+    # fall back to the roofline of XLA's own flops and bytes accessed.
+    flops, nbytes = cost.get("flops"), cost.get("bytes accessed")
+    bandwidth = hbm_bandwidth(device)
+    seconds = None
+    if flops and nbytes and peak_flops and bandwidth:
+      seconds = max(flops / peak_flops, nbytes / bandwidth)
+      out["seconds_from"] = "roofline: max(flops / peak, bytes accessed / HBM bandwidth)"
+      out["roofline_compute_seconds"] = flops / peak_flops
+      out["roofline_memory_seconds"] = nbytes / bandwidth
   out.update(
       peak_bytes_per_device=peak, hbm_bytes_per_device=hbm,
       fits=None if hbm is None else bool(peak <= hbm),

@@ -91,3 +91,13 @@ def test_calibration_block_step_compiles_for_a_v5e_topology():
   for f in FIELDS:
     assert report[f] is not None, f
   assert report["fits"] is True and report["num_devices"] == report["mesh"]["data"]
+
+
+def test_depth_extrapolation_is_linear_and_drops_invalid_optimal_seconds():
+  one = {"flops": 10.0, "bytes accessed": 100.0, "optimal_seconds": 1.0}
+  two = {"flops": 16.0, "bytes accessed": 130.0, "optimal_seconds": 1.5}
+  assert aot.extrapolate_depth(one, two, 21) == {"flops": 130.0, "bytes accessed": 700.0,
+                                                 "optimal_seconds": 11.0}
+  # libtpu's optimal_seconds comes back negative for large programs: the roofline is used.
+  assert "optimal_seconds" not in aot.extrapolate_depth(one, dict(two, optimal_seconds=-86.5),
+                                                        21)
