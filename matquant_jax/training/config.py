@@ -58,6 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_tokens = 100_000_000  # the fixed token sample (0 = no cap)
   c.data.add_bos = True
   c.data.add_eos = True
+  # Logical data shards (0 = one per process). Each process reads num_shards / P of them and a
+  # global batch is the same for every process count P dividing it: set it to the pod's
+  # process count to reproduce (or resume) a multi-host run on fewer hosts.
+  c.data.num_shards = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.peak_lr = 1e-5

@@ -101,6 +101,13 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
   if d.global_batch_size % jax.process_count():
     raise ConfigError(f"config.data.global_batch_size={d.global_batch_size} is not divisible "
                       f"by the {jax.process_count()} hosts.")
+  shards = data_num_shards(config)
+  if d.num_shards < 0 or shards % jax.process_count():
+    raise ConfigError(f"config.data.num_shards={d.num_shards} must be 0 (one per process) or a "
+                      f"positive multiple of the {jax.process_count()} processes.")
+  if d.global_batch_size % shards:
+    raise ConfigError(f"config.data.global_batch_size={d.global_batch_size} is not divisible "
+                      f"by config.data.num_shards={shards}.")
   num_steps = int(config.num_steps)
   if num_steps <= 0:
     if not d.max_tokens:
@@ -109,7 +116,7 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
     # One source for the step count: the data pipeline's own count of the batches it yields
     # under the token budget (the last, partly filled row counts: 100M tokens -> 763 steps).
     from matquant_jax.data import lm
-    num_steps = lm.budget_num_batches(data_config(config), jax.process_count()) or 0
+    num_steps = lm.budget_num_batches(data_config(config), data_num_shards(config)) or 0
     if num_steps <= 0:
       raise ConfigError(f"config.data.max_tokens={d.max_tokens} is less than one batch "
                         f"({d.global_batch_size}×{d.seq_len} tokens).")
@@ -330,6 +337,9 @@ def resolve_tokenizer(config, workdir: pathlib.Path, model: model_config_lib.Tra
                                   tfds_data_dir=config.data.tfds_data_dir or None)
         texts = (src[i] for i in range(min(len(src), 20_000)))
         train_tokenizer(texts, str(target.with_suffix("")), vocab, family=family)
+    if jax.process_count() > 1:  # the others read what process 0 wrote
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("matquant_jax: tokenizer trained")
     tok = Tokenizer.from_file(target, family=family)
   elif spec.startswith("run:"):
     tok = Tokenizer.from_file(pathlib.Path(spec[4:]) / "tokenizer.model", family=family)
@@ -387,6 +397,32 @@ def initial_params(config, setup: Setup, shardings, rng):
                                 params, shardings)
 
 
+def data_num_shards(config) -> int:
+  """config.data.num_shards, 0 meaning one logical shard per process."""
+  n = int(config.data.num_shards)
+  return n if n > 0 else jax.process_count()
+
+
+def gather_data_state(local: dict[str, Any]) -> dict[str, Any]:
+  """Every process's data-iterator states merged into one dict (keyed by logical shard).
+
+  Orbax writes a JSON item from the primary process only, so each process's state is
+  all-gathered first; on restore every process picks its own shards from the merged dict.
+  """
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(local).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int64)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  every = np.asarray(multihost_utils.process_allgather(padded))
+  merged: dict[str, Any] = {}
+  for p in range(every.shape[0]):
+    merged.update(json.loads(every[p, :int(sizes.reshape(-1)[p])].tobytes().decode()))
+  return merged
+
+
 def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
@@ -429,9 +465,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     return {"aot_only": True, "memory": mem}
 
   tokenizer = resolve_tokenizer(config, workdir, setup.model)
-  data_iter = lm.make_lm_dataset(dcfg, tokenizer, split="train",
-                                 shard_index=jax.process_index(),
-                                 shard_count=jax.process_count())
+  data_iter = lm.HostBatches(dcfg, tokenizer, split="train", num_shards=data_num_shards(config),
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
 
   mngr = ocp.CheckpointManager(
       workdir / "checkpoints",
@@ -488,7 +524,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       if step % config.checkpoint_every_steps == 0 or step == setup.num_steps:
         _check_finite(step, m)
         mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_iter.get_state())))
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(gather_data_state(data_iter.get_state()))))
     if pending is not None:
       _check_finite(*pending)
     mngr.wait_until_finished()
