@@ -1,5 +1,6 @@
 # `make test` is the project's test command (README, .ci/run): it builds .venv from setup.py
-# with the test and parity extras, then runs the whole suite on CPU.
+# with the test, parity and tpu extras, then runs the whole suite on CPU (libtpu is only used to
+# compile tiny models for a TPU topology: tests/training/test_tpu_aot.py).
 # `make demo` is the README's main command: the built-in demo (needs only the base install).
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,14 +15,14 @@ $(VENV)/.base: setup.py
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.base
-	$(PY) -m pip install --quiet -e '.[test,parity]'
+	$(PY) -m pip install --quiet -e '.[test,parity,tpu]'
 	touch $@
 
 install: $(VENV)/.installed
 
 # pytest exits 5 when it collects no test; make treats any non-zero exit as failure.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	TPU_SKIP_MDS_QUERY=1 $(PY) -m pytest -q tests
 
 # The built-in demo: tokenizer, pretraining, baseline and MatQuant QAT, OmniQuant calibration,
 # evaluation of every slice and Mix'n'Match plan on the bundled text; results in results/demo/.

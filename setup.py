@@ -31,6 +31,9 @@ EXTRAS_REQUIRE = {
     "test": ["pytest"],
     # Always this torch pin: a bare `torch` pulls a multi-GB CUDA build.
     "parity": ["torch==2.13.0", "transformers==5.23.0"],
+    # libtpu for the project's jax: run on TPU VMs, and compile for any TPU topology from a
+    # CPU host (--config.aot_topology=v5e:8x8). Harmless on CPU-only machines.
+    "tpu": ["jax[tpu]==0.10.2"],
 }
 
 setup(

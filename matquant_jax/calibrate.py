@@ -16,6 +16,7 @@ result is <workdir>/matquant_int8, the same int8 MatQuant checkpoint QAT exports
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 
@@ -31,6 +32,16 @@ _WORKDIR = flags.DEFINE_string(
     "runs/<config name>).")
 
 
+def _multi_process_env() -> bool:
+  """True when the environment asks for several JAX processes (pod workers, SLURM tasks)."""
+  try:
+    procs = int(os.environ.get("JAX_NUM_PROCESSES") or os.environ.get("SLURM_NTASKS") or 1)
+  except ValueError:
+    procs = 1
+  return procs > 1 or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or (
+      os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0)
+
+
 def main(argv) -> int:
   del argv
   import jax
@@ -39,6 +50,12 @@ def main(argv) -> int:
   config = _CONFIG.value
   if config is None:
     print("error: pass --config=configs/<experiment>.py", file=sys.stderr)
+    return 2
+  if _multi_process_env():
+    print("error: calibration runs as one process (it streams one block at a time through "
+          "the local devices); this environment describes a multi-process run. Run it on one "
+          "host only (on a TPU pod: worker 0, e.g. gcloud compute tpus tpu-vm ssh NAME "
+          "--worker=0), or unset JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES.", file=sys.stderr)
     return 2
   workdir = _WORKDIR.value or str(pathlib.Path("runs") / pathlib.Path(
       config_flags.get_config_filename(flags.FLAGS["config"])).stem)

@@ -4,7 +4,9 @@
         [--config.num_steps=400 --config.objective.method=baseline --config.objective.bits=(4,)]
 
 Rerunning the same command resumes from the workdir's latest checkpoint. `--config.aot_only=True`
-compiles the train step for this host's devices and reports its memory without training.
+compiles the train step for this host's devices and reports its memory without training; with
+`--config.aot_topology=v5e:8x8` (needs libtpu, no TPU) it compiles for that TPU topology and
+prints one JSON report as the last line (training/aot.py).
 On a TPU pod, run the same command on every worker (see launch/); `jax.distributed` is
 initialised automatically when the environment describes several processes.
 """
@@ -31,16 +33,47 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "(TPU pod workers, SLURM, or JAX_COORDINATOR_ADDRESS).")
 
 
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0, for a multi-process run outside a TPU pod "
+    "or SLURM (e.g. a simulated pod on one machine: launch/local.sh with NPROC=2). Default: "
+    "$JAX_COORDINATOR_ADDRESS.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (default: "
+                                      "$JAX_NUM_PROCESSES, or what the cluster reports).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (default: "
+                                   "$JAX_PROCESS_ID, or what the cluster reports).")
+
+
 def _multi_process_env() -> bool:
   return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS")) or (
-      os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0)
+      os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0) or bool(_COORDINATOR.value)
+
+
+def initialize_distributed(distributed: str = "auto") -> None:
+  """jax.distributed.initialize() when the flags or the environment describe several processes.
+
+  On TPU pods and SLURM, JAX finds the coordinator itself. Elsewhere (a GPU cluster, or several
+  CPU processes on one machine) pass --coordinator/--num_processes/--process_id or set
+  JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID. CPU processes exchange collectives
+  through gloo, the one CPU collectives backend jax 0.10 ships.
+  """
+  import jax
+  if distributed == "off" or (distributed == "auto" and not _multi_process_env()):
+    return
+  coordinator = _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  env_int = lambda k: int(os.environ[k]) if os.environ.get(k) else None
+  num = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else env_int("JAX_NUM_PROCESSES")
+  pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else env_int("JAX_PROCESS_ID")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if coordinator and num is not None and pid is not None:
+    kwargs = dict(coordinator_address=coordinator, num_processes=num, process_id=pid)
+  jax.distributed.initialize(**kwargs)
 
 
 def main(argv) -> int:
   del argv
   import jax
-  if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _multi_process_env()):
-    jax.distributed.initialize()
+  initialize_distributed(_DISTRIBUTED.value)
   from matquant_jax.training import trainer
   config = _CONFIG.value
   if config is None:

@@ -125,6 +125,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.stop_after_blocks = 0          # > 0: stop after that many blocks (rerun to resume)
   c.export = True                  # write the int8 MatQuant checkpoint at the end
   c.aot_only = False               # compile a block step, report memory, do not run
+  # With aot_only: compile the block step for this TPU topology (e.g. "v5e:2x2"; needs libtpu,
+  # the [tpu] extra) and print one JSON report (training/aot.py) as the last line.
+  c.aot_topology = ""
   return c
 
 

@@ -163,3 +163,41 @@ def format_report(rep: dict[str, float]) -> str:
         f"(arguments {_size(rep.get('xla_argument_size_in_bytes', 0))}, temporaries "
         f"{_size(rep.get('xla_temp_size_in_bytes', 0))})")
   return "\n".join(lines)
+
+
+def aot_topology_report(config) -> dict[str, Any]:
+  """Compiles one block step for `config.aot_topology` (e.g. "v5e:2x2") and reports it.
+
+  training/aot.py's fields. The block step's scans (bit-widths, micro-batches) stay loops and
+  XLA's cost analysis counts a loop body once, so every cost figure is for ONE bit-width pass
+  of one micro-batch (cost_from "scanned"): model_flops_per_device (forward + backward of one
+  layer) and est_mfu are per pass too, and a whole step takes about `passes` times
+  cost_model_step_seconds. The model FLOPs use QAT's 6N accounting, although the block step
+  computes no weight gradients (only LWC/LET and activation gradients): est_mfu is optimistic.
+  """
+  from matquant_jax.training import aot
+  from matquant_jax.training import metrics as metrics_lib
+  if not config.aot_only:
+    raise config_lib.ConfigError(
+        f"config.aot_topology={config.aot_topology!r} compiles for a topology this host does "
+        f"not have: add --config.aot_only=True.")
+  try:
+    devices = aot.topology_devices(config.aot_topology)
+  except aot.TopologyError as e:
+    raise config_lib.ConfigError(f"config.aot_topology: {e}") from None
+  setup = config_lib.resolve(config, devices=devices)
+  model = setup.model
+  used = list(setup.mesh.devices.flat)
+  one_layer = model.replace(num_layers=1)
+  per_token = (metrics_lib.train_flops_per_token(one_layer, setup.seq_len) -
+               6.0 * model.embed_dim * model.vocab_size)
+  micro = setup.batch_size // setup.step.num_microbatches
+  model_flops = per_token * micro * setup.seq_len / len(used)
+  passes = len(setup.objective.bits) * setup.step.num_microbatches
+  fns = block_lib.block_functions(model, 0, setup.objective, setup.step, setup.mesh)
+  return aot.compile_report(
+      lambda: fns.train_step.lower(*abstract_step_args(setup, fns, 0)).compile(), used,
+      model_flops, topology=config.aot_topology, mesh=dict(setup.mesh.shape),
+      model=model.name, objective=setup.objective.describe(), seq_len=setup.seq_len,
+      batch_size=setup.batch_size, passes=passes,
+      step="one calibration block step (layer 0); costs per pass")

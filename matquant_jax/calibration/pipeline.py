@@ -85,6 +85,8 @@ def host_params(config: ml_collections.ConfigDict, model: TransformerConfig,
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Calibrates (or resumes, or with aot_only just compiles) and exports; returns a summary."""
   from matquant_jax.training import trainer
+  if config.aot_topology:
+    return memory.aot_topology_report(config)
   workdir = pathlib.Path(workdir).absolute()
   setup = config_lib.resolve(config)
   workdir.mkdir(parents=True, exist_ok=True)

@@ -92,10 +92,15 @@ def export_matquant_checkpoint(
   scope = Scope(scope) if not isinstance(scope, Scope) else scope
   parent_bits = validation.check_bits(parent_bits, "parent_bits")
   _common.check_params(config, params)
+  # Multi-process runs: every process quantizes its shards and Orbax writes them together, but
+  # only process 0 touches the directory itself (removal, metadata.json).
+  primary = jax.process_index() == 0
   if path.exists():
     if not overwrite:
       raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path.")
-    shutil.rmtree(path)
+    if primary:
+      shutil.rmtree(path)
+  _sync_processes(f"matquant_jax export {path}: cleared")
   qpaths = set(quantized_paths(config, scope))
   clipping = dict(clipping or {})
   unknown = sorted(set(clipping) - qpaths)
@@ -115,7 +120,9 @@ def export_matquant_checkpoint(
       floats[name] = jnp.asarray(w).astype(float_dtype)
   tree = {"quantized": _common.unflatten_tree(quantized), "float": _common.unflatten_tree(floats)}
   import orbax.checkpoint as ocp  # deferred: orbax is slow to import
-  path.mkdir(parents=True)
+  if primary:
+    path.mkdir(parents=True)
+  _sync_processes(f"matquant_jax export {path}: created")
   ckptr = ocp.StandardCheckpointer()
   ckptr.save((path / "arrays").absolute(), tree)
   ckptr.wait_until_finished()
@@ -130,8 +137,17 @@ def export_matquant_checkpoint(
       "quantized": {n: list(QUANT_REDUCE_AXES[n.split("/")[-2]]) for n in sorted(qpaths)},
       "metadata": dict(metadata or {}),
   }
-  (path / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
+  if primary:
+    (path / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
+  _sync_processes(f"matquant_jax export {path}: done")
   return path
+
+
+def _sync_processes(name: str) -> None:
+  """A barrier across processes (no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 _QUANTIZE_CACHE: dict = {}

@@ -294,3 +294,55 @@ def make_lm_dataset(config: DataConfig | Any, tokenizer: TextEncoder, *, split: 
   """
   return iter(lm_dataset(config, tokenizer, split=split, shard_index=shard_index,
                          shard_count=shard_count))
+
+
+class HostBatches:
+  """This process's rows of every global batch, read from `num_shards` logical data shards.
+
+  The data is split into `num_shards` logical shards (`lm_dataset(shard_index=s,
+  shard_count=num_shards)`), independent of how many processes read them: process p of P reads
+  shards [p·k, (p+1)·k) with k = num_shards / P and yields their batches concatenated along
+  rows. A global batch is therefore the same for every P that divides num_shards (rows in
+  shard order), so a 2-host run and a 1-host run with num_shards=2 train on identical batches,
+  and a run can resume on a different host count.
+
+  State (`get_state`) is a dict {str(shard): that shard's iterator state}; `set_state` takes
+  a dict holding at least this process's shards (e.g. every process's, merged).
+  """
+
+  def __init__(self, config: DataConfig | Any, tokenizer: TextEncoder, *, split: str = "train",
+               num_shards: int = 1, process_index: int = 0, process_count: int = 1):
+    _check_int("num_shards", num_shards, minimum=1)
+    _check_int("process_count", process_count, minimum=1)
+    if num_shards % process_count:
+      raise ValueError(f"num_shards={num_shards} must be a multiple of the {process_count} "
+                       f"processes (each reads the same number of logical shards).")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
+    per = num_shards // process_count
+    self.shards = tuple(range(process_index * per, (process_index + 1) * per))
+    self._iters = [make_lm_dataset(config, tokenizer, split=split, shard_index=s,
+                                   shard_count=num_shards) for s in self.shards]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self._iters]
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {str(s): it.get_state() for s, it in zip(self.shards, self._iters)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if len(self._iters) == 1 and not all(str(k).isdigit() for k in state):
+      state = {str(self.shards[0]): state}  # a single iterator's state (older checkpoints)
+    missing = [s for s in self.shards if str(s) not in state]
+    if missing:
+      raise ValueError(f"data state has no entry for shards {missing} (it holds "
+                       f"{sorted(state)}); was the run restarted with another "
+                       f"config.data.num_shards?")
+    for s, it in zip(self.shards, self._iters):
+      it.set_state(state[str(s)])

@@ -10,8 +10,13 @@ which bit-width, so every plan reads the same parameters.
     cache = init_cache(config, batch=B, max_len=64)
     logits, cache = model.apply({"params": params}, prompt, positions, segment_ids, cache)
 
-Layers are separate submodules `layer_{i}` (not scanned): their bit-widths differ under
-Mix'n'Match plans, and the released checkpoints are laid out per layer.
+Layers are separate submodules `layer_{i}` by default: their bit-widths differ under
+Mix'n'Match plans, and the released checkpoints are laid out per layer. For pod-scale training,
+`scan_layers=True` runs the decoder stack as one `nn.scan` over groups of `layer_period(config)`
+layers (Gemma-2: a (local, global) pair), with stacked params `layers/sub_{j}/...` whose leading
+axis is the group index, and an optional rematerialization policy (`remat`, see REMAT_POLICIES).
+`stack_layers` / `unstack_layers` convert between the two layouts; every reader, writer, the
+int8 export and serving use the per-layer layout, so convert at that boundary.
 """
 
 from __future__ import annotations
@@ -56,6 +61,64 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
       [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
       axis=1)
   return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+# What the backward pass of a scanned layer keeps from its forward pass (jax.checkpoint):
+#   none  everything (no rematerialization; fastest, most memory: every layer's activations)
+#   dots  the outputs of matmuls against weights (no batch dims: projections and FFN), and
+#         recomputes the rest (norms, RoPE, softmax, attention scores, activations)
+#   full  only each layer group's input; the whole group is recomputed in the backward pass
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def layer_period(config: TransformerConfig) -> int:
+  """Layers per scanned group: 2 for Gemma-2's local/global alternation, else 1."""
+  return 2 if config.attention_pattern.value == "local_global" else 1
+
+
+def stack_layers(params: dict[str, Any], config: TransformerConfig) -> dict[str, Any]:
+  """Per-layer params (`layer_{i}`) -> the scanned layout (`layers/sub_{j}`, leading axis g).
+
+  Layer i = g * period + j. Works on arrays and on jax.ShapeDtypeStruct-free pytrees of arrays.
+  """
+  period = layer_period(config)
+  if config.num_layers % period:
+    raise ValueError(f"{config.name}: {config.num_layers} layers do not split into groups of "
+                     f"{period}; use scan_layers=False.")
+  missing = [f"layer_{i}" for i in range(config.num_layers) if f"layer_{i}" not in params]
+  if missing:
+    raise ValueError(f"stack_layers: params lack {', '.join(missing[:3])}; they are not in the "
+                     f"per-layer layout of {config.name}.")
+  groups = config.num_layers // period
+  out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  out["layers"] = {
+      f"sub_{j}": jax.tree_util.tree_map(
+          lambda *xs: jnp.stack(xs), *[params[f"layer_{g * period + j}"] for g in range(groups)])
+      for j in range(period)}
+  return out
+
+
+def unstack_layers(params: dict[str, Any], config: TransformerConfig) -> dict[str, Any]:
+  """The scanned layout (`layers/sub_{j}`) -> per-layer params (`layer_{i}`); see stack_layers."""
+  if "layers" not in params:
+    raise ValueError("unstack_layers: params have no 'layers' entry; they are not in the "
+                     "scanned layout.")
+  period = layer_period(config)
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for g in range(config.num_layers // period):
+    for j in range(period):
+      out[f"layer_{g * period + j}"] = jax.tree_util.tree_map(
+          lambda x, g=g: x[g], params["layers"][f"sub_{j}"])
+  return out
+
+
+def is_stacked(params: dict[str, Any]) -> bool:
+  """Whether `params` are in the scanned layout."""
+  return "layers" in params
 
 
 class Block(nn.Module):
@@ -103,6 +166,35 @@ class Block(nn.Module):
     return x + ffw_out, cache
 
 
+class _LayerGroup(nn.Module):
+  """`layer_period` consecutive Blocks: the body of the layer scan (carry = activations)."""
+  config: TransformerConfig
+  quants: tuple  # ((attn_quant, ffn_quant), ...) per layer of the group
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  mesh: Any = None
+  axis_rules: Any = None
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    for j, (attn_quant, ffn_quant) in enumerate(self.quants):
+      x, _ = Block(config=self.config, layer=j, attn_quant=attn_quant, ffn_quant=ffn_quant,
+                   dtype=self.dtype, param_dtype=self.param_dtype, name=f"sub_{j}")(
+                       x, positions, segment_ids, None)
+      x = constrain_activations(x, self.mesh, self.axis_rules)
+    return x, None
+
+
+def constrain_activations(x: jax.Array, mesh, axis_rules) -> jax.Array:
+  """Pins [batch, seq, D] activations to logical axes ('batch', 'seq', None) on `mesh`.
+
+  A no-op without a mesh (single device, tests): then XLA chooses as before.
+  """
+  if mesh is None or axis_rules is None:
+    return x
+  return nn.with_logical_constraint(x, ("batch", "seq", None), rules=axis_rules, mesh=mesh)
+
+
 class Transformer(nn.Module):
   """Decoder-only language model.
 
@@ -116,11 +208,47 @@ class Transformer(nn.Module):
   plan: PrecisionPlan = PrecisionPlan.bf16()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  scan_layers: bool = False   # stacked params, one nn.scan over layer groups (no cache)
+  remat: str = "none"         # with scan_layers: a key of REMAT_POLICIES
+  mesh: Any = None            # with axis_rules: sharding constraints on the activations
+  axis_rules: Any = None
+  unroll_scan: bool = False   # unroll the layer scan in HLO (XLA's cost model counts a loop
+                              # body once; training/aot.py unrolls to count every layer)
+
+  def _scanned_stack(self, x, positions, segment_ids):
+    cfg = self.config
+    period = layer_period(cfg)
+    if cfg.num_layers % period:
+      raise ValueError(f"{cfg.name}: {cfg.num_layers} layers do not split into groups of "
+                       f"{period}; use scan_layers=False.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    quants = []
+    for j in range(period):
+      q = (_layer_quant(self.plan, j, cfg.num_layers, "attn"),
+           _layer_quant(self.plan, j, cfg.num_layers, "ffn"))
+      for i in range(j, cfg.num_layers, period):
+        if (_layer_quant(self.plan, i, cfg.num_layers, "attn"),
+            _layer_quant(self.plan, i, cfg.num_layers, "ffn")) != q:
+          raise ValueError(f"plan {self.plan} quantizes layer {i} unlike layer {j}; a scanned "
+                           f"stack needs one plan per group position: use scan_layers=False.")
+      quants.append(q)
+    group = _LayerGroup
+    if self.remat != "none":
+      group = nn.remat(group, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers // period,
+                      unroll=cfg.num_layers // period if self.unroll_scan else 1,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scanned(config=cfg, quants=tuple(quants), dtype=self.dtype,
+                   param_dtype=self.param_dtype, mesh=self.mesh, axis_rules=self.axis_rules,
+                   name="layers")(x, positions, segment_ids)
+    return x
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: Cache | None = None
-               ) -> jax.Array | tuple[jax.Array, Cache]:
+               segment_ids: jax.Array | None = None, cache: Cache | None = None,
+               return_hidden: bool = False) -> jax.Array | tuple[jax.Array, Cache]:
     """Logits for every input token.
 
     Args:
@@ -133,6 +261,8 @@ class Transformer(nn.Module):
       cache: from `init_cache` (or a previous call), or None for a plain forward pass. With a
         cache the call attends to the cached keys plus its own tokens, then stores its tokens:
         a prompt in one call (prefill), then one token per call.
+      return_hidden: return the final-normed hidden states [batch, seq, D] instead of the
+        logits (`head_logits` turns them into logits, e.g. a chunk at a time).
 
     Returns:
       logits [batch, seq, vocab_size] in the compute dtype (final soft-cap applied), and the
@@ -146,6 +276,9 @@ class Transformer(nn.Module):
         raise ValueError("Transformer: pass explicit `positions` with a cache (the positions "
                          "of the new tokens in their sequences).")
       positions = positions_from_segments(segment_ids)
+    if cache is not None and self.scan_layers:
+      raise ValueError("Transformer(scan_layers=True) has no KV cache; decode with the "
+                       "per-layer layout (unstack_layers(params, config), scan_layers=False).")
     if cache is not None:
       missing = [f"layer_{i}" for i in range(cfg.num_layers) if f"layer_{i}" not in cache]
       if missing:
@@ -155,8 +288,9 @@ class Transformer(nn.Module):
     embedder = layers.Embedder(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype,
                                name="embedder")
     x = embedder.encode(tokens)
+    x = constrain_activations(x, self.mesh, self.axis_rules)
     new_cache = {} if cache is not None else None
-    for i in range(cfg.num_layers):
+    for i in range(0 if self.scan_layers else cfg.num_layers):
       name = f"layer_{i}"
       x, layer_cache = Block(
           config=cfg, layer=i,
@@ -166,24 +300,52 @@ class Transformer(nn.Module):
               x, positions, segment_ids, None if cache is None else cache[name])
       if cache is not None:
         new_cache[name] = layer_cache
+    if self.scan_layers:
+      x = self._scanned_stack(x, positions, segment_ids)
     x = layers.RMSNorm(norm_type=cfg.norm_type, eps=cfg.norm_eps, param_dtype=self.param_dtype,
                        name="final_norm")(x)
+    if return_hidden:
+      if self.is_initializing() and not cfg.tie_embeddings:
+        self._lm_head(x)  # create lm_head's params at init
+      return x if cache is None else (x, new_cache)
 
     if cfg.tie_embeddings:
       logits = embedder.decode(x)
     else:
-      logits = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
-              ("embed", "vocab")),
-          name="lm_head")(x)
+      logits = self._lm_head(x)
     if cfg.final_logit_softcap is not None:
       cap = cfg.final_logit_softcap
       logits = jnp.tanh(logits / cap) * cap
     if cache is None:
       return logits
     return logits, new_cache
+
+
+  def _lm_head(self, x):
+    return nn.Dense(
+        self.config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "normal"), ("embed", "vocab")),
+        name="lm_head")(x)
+
+
+def head_logits(config: TransformerConfig, params: dict[str, Any], hidden: jax.Array,
+                dtype: Dtype = jnp.float32) -> jax.Array:
+  """Logits from final-normed hidden states (`return_hidden=True`), as the model computes them.
+
+  The output projection (tied embedding or lm_head) and the final soft-cap, in `dtype`; used to
+  compute the loss a sequence chunk at a time without materializing [B, T, V].
+  """
+  x = hidden.astype(dtype)
+  if config.tie_embeddings:
+    table = params["embedder"]["input_embedding"][: config.vocab_size].astype(dtype)
+    logits = jnp.einsum("BTD,VD->BTV", x, table)
+  else:
+    logits = jnp.einsum("BTD,DV->BTV", x, params["lm_head"]["kernel"].astype(dtype))
+  if config.final_logit_softcap is not None:
+    cap = config.final_logit_softcap
+    logits = jnp.tanh(logits / cap) * cap
+  return logits
 
 
 def init_cache(config: TransformerConfig, batch: int, max_len: int,
@@ -200,8 +362,9 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int,
 
 
 @functools.lru_cache(maxsize=32)
-def _abstract_variables(config: TransformerConfig, dtype: Dtype = jnp.float32):
-  model = Transformer(config, param_dtype=dtype)
+def _abstract_variables(config: TransformerConfig, dtype: Dtype = jnp.float32,
+                        scan_layers: bool = False):
+  model = Transformer(config, param_dtype=dtype, scan_layers=scan_layers)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   return jax.eval_shape(model.init, jax.random.key(0), tokens)
 
@@ -217,14 +380,21 @@ def init_params(config: TransformerConfig, rng: jax.Array, dtype: Dtype = jnp.fl
   return nn.meta.unbox(init(rng))["params"]
 
 
-def param_shapes(config: TransformerConfig, dtype: Dtype = jnp.float32) -> dict[str, Any]:
-  """The parameter tree as jax.ShapeDtypeStruct leaves, without allocating anything."""
-  return nn.meta.unbox(_abstract_variables(config, dtype))["params"]
+def param_shapes(config: TransformerConfig, dtype: Dtype = jnp.float32,
+                 scan_layers: bool = False) -> dict[str, Any]:
+  """The parameter tree as jax.ShapeDtypeStruct leaves, without allocating anything.
+
+  scan_layers: the stacked layout (`layers/sub_{j}`) instead of `layer_{i}`.
+  """
+  return nn.meta.unbox(_abstract_variables(config, dtype, scan_layers))["params"]
 
 
-def logical_axes(config: TransformerConfig) -> dict[str, Any]:
-  """The parameter tree with a `jax.sharding.PartitionSpec` of logical axis names per leaf."""
-  return nn.get_partition_spec(_abstract_variables(config))["params"]
+def logical_axes(config: TransformerConfig, scan_layers: bool = False) -> dict[str, Any]:
+  """The parameter tree with a `jax.sharding.PartitionSpec` of logical axis names per leaf.
+
+  In the stacked layout the leading (group) axis is named 'layers'.
+  """
+  return nn.get_partition_spec(_abstract_variables(config, jnp.float32, scan_layers))["params"]
 
 
 def param_count(config: TransformerConfig) -> int:

@@ -93,7 +93,11 @@ def _kernel(*refs, widths, nk):
     for s in range(8 // wd):
       xs = x_ref[s]  # [M_pad, t]
       codes = ((q >> (wd * s)) & (2**wd - 1)).astype(jnp.float32).astype(xs.dtype)
-      d = jnp.dot(xs, codes, preferred_element_type=jnp.float32)
+      # Precision pinned, not taken from jax_default_matmul_precision: Mosaic rejects an fp32
+      # contract precision on bf16 operands ("Bad lhs type"); f32 activations need it.
+      precision = (jax.lax.Precision.HIGHEST if xs.dtype == jnp.float32
+                   else jax.lax.Precision.DEFAULT)
+      d = jnp.dot(xs, codes, preferred_element_type=jnp.float32, precision=precision)
       part = d if part is None else part + d
     acc = acc + (part * float(2**off) if off else part)
   acc_ref[...] = acc

@@ -59,6 +59,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_tokens = 100_000_000  # the fixed token sample (0 = no cap)
   c.data.add_bos = True
   c.data.add_eos = True
+  # Logical data shards (0 = one per process). Each process reads num_shards / P of them and a
+  # global batch is the same for every process count P dividing it: set it to the pod's
+  # process count to reproduce (or resume) a multi-host run on fewer hosts.
+  c.data.num_shards = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.peak_lr = 1e-5
@@ -84,6 +88,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.export = True                  # write the int8 MatQuant checkpoint at the end
   c.aot_only = False               # lower + compile the train step, report memory, do not run
+  # Compile for this TPU topology instead of the local devices (needs libtpu: the [tpu] extra;
+  # any name jax.experimental.topologies accepts, e.g. "v5e:8x8"); with aot_only only.
+  c.aot_topology = ""
+  # Pod-scale memory: the decoder stack as one scanned layer group (params stacked inside the
+  # train state; checkpoints read and written per layer), what its backward pass keeps
+  # (none | dots | full, models/transformer.py REMAT_POLICIES), and the loss computed this
+  # many sequence tokens at a time so [batch, seq, vocab] logits never exist (0 = at once).
+  c.scan_layers = True
+  c.remat = "none"
+  c.loss_chunk_size = 1024
   # Device kind used for MFU when the backend's own name is not in the peak-FLOPs table.
   c.peak_flops_per_device = config_dict.placeholder(float)
   return c
@@ -106,6 +120,7 @@ def paper_qat_config(model: str, *, ffn_attn: bool = False) -> ml_collections.Co
   model's tokenizer (--config.tokenizer=/ckpts/tokenizer.model).
   """
   c = set_paper_model(default_config(), model)
+  c.remat = "full"  # sequence 8192 on 16 GiB chips: keep only each layer group's input
   if ffn_attn:
     # FFN + Attention runs (spec §5.5): a fixed 300M-token sample, batch 16, one epoch.
     c.objective.scope = "ffn+attn"

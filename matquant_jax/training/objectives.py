@@ -219,6 +219,11 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax
 
 def distillation(student: jax.Array, teacher: jax.Array, mask: jax.Array, kind: str) -> jax.Array:
   """Mean per-token distillation loss of student logits toward teacher logits."""
+  per_tok = _distill_per_token(student, teacher, kind)
+  return jnp.sum(per_tok * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _distill_per_token(student: jax.Array, teacher: jax.Array, kind: str) -> jax.Array:
   s = student.astype(jnp.float32)
   t = teacher.astype(jnp.float32)
   if kind == "l2":
@@ -230,14 +235,101 @@ def distillation(student: jax.Array, teacher: jax.Array, mask: jax.Array, kind: 
     per_tok = -jnp.sum(pt * log_ps, axis=-1)
     if kind == "kl":
       per_tok = per_tok + jnp.sum(pt * log_pt, axis=-1)
-  return jnp.sum(per_tok * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return per_tok
+
+
+def chunk_length(seq_len: int, chunk: int) -> int:
+  """The largest divisor of seq_len that is <= chunk (at least 1)."""
+  c = max(1, min(chunk, seq_len))
+  while seq_len % c:
+    c -= 1
+  return c
+
+
+def chunked_losses(head, params, hidden: jax.Array, targets: jax.Array, mask: jax.Array, *,
+                   chunk: int, teacher_hidden: jax.Array | None = None, kind: str = "kl",
+                   stop_teacher_grad: bool = True, dist_flag: jax.Array | None = None,
+                   unroll: bool = False):
+  """Cross-entropy (and distillation) from hidden states, `chunk` tokens of the sequence at a
+  time, so the [B, T, V] logits are never materialized (only [B, chunk, V] per step, also in
+  the backward pass, which recomputes each chunk's logits: jax.checkpoint).
+
+  Args:
+    head: (params, hidden [B, c, D]) -> logits [B, c, V] (models.transformer.head_logits).
+    params: what `head` reads (gradients flow into them).
+    hidden: [B, T, D] student hidden states; teacher_hidden: the teacher's, or None.
+    targets, mask: [B, T].
+    chunk: tokens per chunk (the largest divisor of T not above it is used).
+    kind: the distillation loss (DISTILL_LOSSES).
+    stop_teacher_grad: the teacher's logits are a constant (also w.r.t. the head's params).
+    dist_flag: optional traced scalar; the distillation term is computed only when > 0.
+
+  Returns:
+    (mean cross-entropy, mean distillation loss (0 without a teacher)) over masked tokens.
+  """
+  b, t = targets.shape
+  c = chunk_length(t, chunk)
+  n = t // c
+
+  def split(x):
+    return jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
+
+  xs = {"h": split(hidden), "y": split(targets), "m": split(mask.astype(jnp.float32))}
+  if teacher_hidden is not None:
+    xs["t"] = split(teacher_hidden)
+  zero = jnp.zeros((), jnp.float32)
+
+  @jax.checkpoint
+  def body(carry, x):
+    logits = head(params, x["h"]).astype(jnp.float32)
+    ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, x["y"]) * x["m"])
+    d = zero
+    if teacher_hidden is not None:
+      def dist():
+        p_t = jax.lax.stop_gradient(params) if stop_teacher_grad else params
+        t_h = jax.lax.stop_gradient(x["t"]) if stop_teacher_grad else x["t"]
+        tl = head(p_t, t_h).astype(jnp.float32)
+        return jnp.sum(_distill_per_token(logits, tl, kind) * x["m"])
+      d = dist() if dist_flag is None else jax.lax.cond(dist_flag > 0, dist, lambda: zero)
+    return (carry[0] + ce, carry[1] + d), None
+
+  (ce, d), _ = jax.lax.scan(body, (zero, zero), xs, unroll=bool(unroll))
+  count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+  return ce / count, d / count
+
+
+@dataclasses.dataclass(frozen=True)
+class _Losses:
+  """The losses on the model output: logits (head None), or hidden states with a chunked head."""
+  head: Callable | None = None
+  chunk: int = 0
+  kind: str = "kl"
+  stop_teacher_grad: bool = True
+  unroll: bool = False
+
+  def __call__(self, p, out, targets, mask, t_out=None, dist_flag=None):
+    """(cross-entropy, distillation toward t_out or 0); t_out is already stop_gradient'ed by
+    the caller when the teacher's gradient is stopped."""
+    if self.head is not None:
+      return chunked_losses(self.head, p, out, targets, mask, chunk=self.chunk,
+                            teacher_hidden=t_out, kind=self.kind,
+                            stop_teacher_grad=self.stop_teacher_grad, dist_flag=dist_flag,
+                            unroll=self.unroll)
+    ce = cross_entropy(out, targets, mask)
+    if t_out is None:
+      return ce, jnp.zeros((), jnp.float32)
+    compute = lambda: distillation(out, t_out, mask, self.kind)
+    if dist_flag is None:
+      return ce, compute()
+    return ce, jax.lax.cond(dist_flag > 0, compute, lambda: jnp.zeros((), jnp.float32))
 
 
 ApplyFn = Callable[[object, Mapping[str, jax.Array], "int | jax.Array | None"], jax.Array]
 
 
 def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mapping[str, jax.Array],
-                   *, scan: bool = True):
+                   *, scan: bool = True, head: Callable | None = None, chunk: int = 1024,
+                   grad_shardings=None, unroll: bool = False):
   """Total loss, its gradient and per-bit-width metrics for one batch.
 
   `apply_fn(params, batch, bits)` returns logits [B, T, V] of the model with the objective's
@@ -258,6 +350,14 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
     apply_fn: see above.
     params: the trainable pytree.
     batch: 'inputs', 'targets' [B, T] int32, 'loss_mask' [B, T] (plus whatever apply_fn reads).
+    head: optional (params, hidden [B, c, D]) -> logits [B, c, V]. When given, `apply_fn`
+      returns hidden states [B, T, D] instead of logits and every loss is computed `chunk`
+      tokens at a time (chunked_losses): the [B, T, V] logits never exist, and a teacher hands
+      its hidden states, not its logits, to the students.
+    chunk: sequence tokens per loss chunk (with `head`).
+    grad_shardings: optional shardings (a tree like params) for the gradients and the f32
+      accumulator of the scan over widths, so they stay sharded like the params.
+    unroll: unroll the scans (widths, loss chunks) in HLO; same numbers, for cost analysis.
 
   Returns:
     (loss, grads, metrics): metrics has 'loss', 'ce_int{r}' for every width (the plain
@@ -266,20 +366,34 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
   """
   mask = batch["loss_mask"].astype(jnp.float32)
   targets = batch["targets"]
+  losses = _Losses(head=head, chunk=chunk, kind=objective.distill_loss,
+                   stop_teacher_grad=objective.stop_teacher_grad, unroll=unroll)
+  constrain = _constrainer(grad_shardings)
 
   if objective.method == "bf16":
     def bf16_loss(p):
-      return cross_entropy(apply_fn(p, batch, None), targets, mask)
+      return losses(p, apply_fn(p, batch, None), targets, mask)[0]
     loss, grads = jax.value_and_grad(bf16_loss)(params)
-    return loss, grads, {"loss": loss, "ce_bf16": loss}
+    return loss, constrain(grads), {"loss": loss, "ce_bf16": loss}
   if scan and len(objective.bits) > 1 and len(objective.teachers) <= 1:
-    return _scanned(objective, apply_fn, params, batch, mask, targets)
-  return _unrolled(objective, apply_fn, params, batch, mask, targets)
+    loss, grads, metrics = _scanned(objective, apply_fn, params, batch, mask, targets, losses,
+                                    constrain, unroll)
+  else:
+    loss, grads, metrics = _unrolled(objective, apply_fn, params, batch, mask, targets, losses,
+                                     constrain)
+  return loss, constrain(grads), metrics
 
 
-def _unrolled(objective, apply_fn, params, batch, mask, targets):
+def _constrainer(shardings):
+  if shardings is None:
+    return lambda tree: tree
+  return lambda tree: jax.lax.with_sharding_constraint(tree, shardings)
+
+
+def _unrolled(objective, apply_fn, params, batch, mask, targets, losses=_Losses(),
+              constrain=lambda t: t):
   metrics = {}
-  grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+  grads = constrain(jax.tree_util.tree_map(jnp.zeros_like, params))
   total = jnp.zeros((), jnp.float32)
   teacher_logits: dict[int, jax.Array] = {}
   teacher_cotangent: dict[int, jax.Array] = {}
@@ -290,20 +404,20 @@ def _unrolled(objective, apply_fn, params, batch, mask, targets):
 
     def loss_r(p, t_logits, r=r, lam=lam, has_gt=has_gt, teachers_of_r=teachers_of_r):
       logits = apply_fn(p, batch, r)
-      parts = {f"ce_int{r}": cross_entropy(logits, targets, mask)}
+      parts = {f"ce_int{r}": losses(p, logits, targets, mask)[0]}
       loss = parts[f"ce_int{r}"] if has_gt else jnp.zeros((), jnp.float32)
       for t in teachers_of_r:
         tl = t_logits[t]
         if objective.stop_teacher_grad:
           tl = jax.lax.stop_gradient(tl)
-        parts[f"distill_int{t}_int{r}"] = distillation(logits, tl, mask, objective.distill_loss)
+        parts[f"distill_int{t}_int{r}"] = losses(p, logits, targets, mask, tl)[1]
         loss = loss + parts[f"distill_int{t}_int{r}"]
       return lam * loss, (parts, logits)
 
     t_in = {t: teacher_logits[t] for t in teachers_of_r}
     (loss, (parts, logits)), (g_p, g_t) = jax.value_and_grad(
         loss_r, argnums=(0, 1), has_aux=True)(params, t_in)
-    grads = jax.tree_util.tree_map(jnp.add, grads, g_p)
+    grads = constrain(jax.tree_util.tree_map(jnp.add, grads, g_p))
     total = total + loss
     metrics.update(parts)
     if not objective.stop_teacher_grad:
@@ -326,7 +440,8 @@ def _add_teacher_grads(objective, apply_fn, params, batch, grads, cotangents, te
   return grads
 
 
-def _scanned(objective, apply_fn, params, batch, mask, targets):
+def _scanned(objective, apply_fn, params, batch, mask, targets, losses=_Losses(),
+             constrain=lambda t: t, unroll=False):
   bits = objective.bits
   teacher = objective.teachers[0] if objective.teachers else None
   students = {s for _, s in objective.distill}
@@ -338,7 +453,7 @@ def _scanned(objective, apply_fn, params, batch, mask, targets):
       "is_teacher": jnp.asarray([r == teacher for r in bits]),
   }
   if teacher is not None:
-    # The teacher's logits, as the students will see them (shape and dtype of the model's).
+    # The teacher's output (logits, or hidden states with a head) as the students will see it.
     t_shape = jax.eval_shape(lambda p: apply_fn(p, batch, bits[0]), params)
     t_init = jnp.zeros(t_shape.shape, t_shape.dtype)
   else:
@@ -349,30 +464,29 @@ def _scanned(objective, apply_fn, params, batch, mask, targets):
 
     def loss_fn(p, tl):
       logits = apply_fn(p, batch, x["bits"])
-      ce = cross_entropy(logits, targets, mask)
-      loss = x["gt"] * ce
-      d = jnp.zeros((), jnp.float32)
-      if tl is not None:
+      if tl is None:
+        ce, d = losses(p, logits, targets, mask)
+      else:
         t_used = jax.lax.stop_gradient(tl) if objective.stop_teacher_grad else tl
-        d = jax.lax.cond(x["dist"] > 0,
-                         lambda: distillation(logits, t_used, mask, objective.distill_loss),
-                         lambda: jnp.zeros((), jnp.float32))
+        ce, d = losses(p, logits, targets, mask, t_used, dist_flag=x["dist"])
+      loss = x["gt"] * ce
+      if tl is not None:
         loss = loss + x["dist"] * d
       return x["lam"] * loss, (ce, d, logits)
 
     (loss, (ce, d, logits)), (g_p, g_t) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(params, t_logits)
-    grads = jax.tree_util.tree_map(jnp.add, grads, g_p)
+    grads = constrain(jax.tree_util.tree_map(jnp.add, grads, g_p))
     if t_logits is not None:
       if not objective.stop_teacher_grad:
         t_cot = t_cot + g_t
       t_logits = jnp.where(x["is_teacher"], jax.lax.stop_gradient(logits), t_logits)
     return (grads, total + loss, t_logits, t_cot), (ce, d)
 
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  zeros = constrain(jax.tree_util.tree_map(jnp.zeros_like, params))
   t_cot0 = None if t_init is None or objective.stop_teacher_grad else jnp.zeros_like(t_init)
   (grads, total, t_logits, t_cot), (ces, ds) = jax.lax.scan(
-      body, (zeros, jnp.zeros((), jnp.float32), t_init, t_cot0), xs)
+      body, (zeros, jnp.zeros((), jnp.float32), t_init, t_cot0), xs, unroll=bool(unroll))
   if t_cot is not None:
     grads = _add_teacher_grads(objective, apply_fn, params, batch, grads, {teacher: t_cot},
                                {teacher: t_logits})

@@ -31,6 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("seq", None),
+    ("layers", None),  # the stacked (scanned) layer axis: every device holds all layers' shards
 )
 
 
@@ -110,3 +111,35 @@ def data_parallel_size(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RU
   spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
   names = spec if isinstance(spec, tuple) else ((spec,) if spec else ())
   return int(np.prod([mesh.shape[a] for a in names])) if names else 1
+
+
+def _dict_keys(path) -> tuple:
+  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def state_shardings_like_params(abstract_state, abstract_params, param_shardings, mesh: Mesh):
+  """Shardings for an optimizer state: every leaf shaped like a param is sharded like it.
+
+  Optax keeps per-param moments (Adam's mu and nu, masked or chained) as trees whose dict keys
+  end with the param's own path, e.g. `[0].mu['layer_0']['mlp']['linear']['w']`; a leaf is
+  matched to the param whose path is the longest such suffix with the same shape. Everything
+  else (step counts, scalars) is replicated. Deriving this from the params, not from compiling
+  `tx.init`, matters: XLA does not propagate the params' shardings into zero-filled outputs, so
+  the moments would come back replicated (3× the params' memory on every device).
+  """
+  by_path = {}
+  for path, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+    by_path[_dict_keys(path)] = (a.shape, path)
+  shard_by_path = {_dict_keys(p): s for p, s in
+                   jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    keys = _dict_keys(path)
+    for start in range(len(keys)):
+      hit = by_path.get(keys[start:])
+      if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+        return shard_by_path[keys[start:]]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state)

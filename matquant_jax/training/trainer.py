@@ -58,6 +58,10 @@ class Setup:
   seq_len: int
   global_batch_size: int
   train_scope: str
+  scan_layers: bool = False       # params in the stacked layout, the stack run as one nn.scan
+  remat: str = "none"             # transformer.REMAT_POLICIES
+  loss_chunk_size: int = 0        # sequence tokens per loss chunk; 0 = full logits
+  unroll_scans: bool = False      # unroll every scan in HLO (only for XLA's cost analysis)
 
 
 def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
@@ -94,13 +98,22 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
   if d.global_batch_size % jax.process_count():
     raise ConfigError(f"config.data.global_batch_size={d.global_batch_size} is not divisible "
                       f"by the {jax.process_count()} hosts.")
+  shards = data_num_shards(config)
+  if d.num_shards < 0 or shards % jax.process_count():
+    raise ConfigError(f"config.data.num_shards={d.num_shards} must be 0 (one per process) or a "
+                      f"positive multiple of the {jax.process_count()} processes.")
+  if d.global_batch_size % shards:
+    raise ConfigError(f"config.data.global_batch_size={d.global_batch_size} is not divisible "
+                      f"by config.data.num_shards={shards}.")
   num_steps = int(config.num_steps)
   if num_steps <= 0:
     if not d.max_tokens:
       raise ConfigError("config.num_steps=0 derives the step count from config.data.max_tokens, "
                         "which is 0 too; set one of them.")
-    epochs = max(int(d.num_epochs), 1)
-    num_steps = epochs * (int(d.max_tokens) // (d.global_batch_size * d.seq_len))
+    # One source for the step count: the data pipeline's own count of the batches it yields
+    # under the token budget (the last, partly filled row counts: 100M tokens -> 763 steps).
+    from matquant_jax.data import lm
+    num_steps = lm.budget_num_batches(data_config(config), data_num_shards(config)) or 0
     if num_steps <= 0:
       raise ConfigError(f"config.data.max_tokens={d.max_tokens} is less than one batch "
                         f"({d.global_batch_size}×{d.seq_len} tokens).")
@@ -112,10 +125,24 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
   for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[f] <= 0:
       raise ConfigError(f"config.{f}={config[f]} must be positive.")
+  if config.remat not in transformer_lib.REMAT_POLICIES:
+    raise ConfigError(f"config.remat={config.remat!r}; choose one of "
+                      f"{sorted(transformer_lib.REMAT_POLICIES)} (what the backward pass keeps).")
+  if config.remat != "none" and not config.scan_layers:
+    raise ConfigError(f"config.remat={config.remat!r} needs config.scan_layers=True.")
+  period = transformer_lib.layer_period(model)
+  if config.scan_layers and model.num_layers % period:
+    raise ConfigError(f"config.scan_layers=True: {model.name} has {model.num_layers} layers, "
+                      f"not a multiple of its {period}-layer local/global group; set "
+                      f"--config.scan_layers=False.")
+  if config.loss_chunk_size < 0:
+    raise ConfigError(f"config.loss_chunk_size={config.loss_chunk_size} must be >= 0 "
+                      f"(0 = whole-sequence logits).")
   return Setup(model=model, objective=objective, mesh=mesh,
                compute_dtype=COMPUTE_DTYPES[config.compute_dtype], num_steps=num_steps,
                seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
-               train_scope=config.train_scope)
+               train_scope=config.train_scope, scan_layers=bool(config.scan_layers),
+               remat=config.remat, loss_chunk_size=int(config.loss_chunk_size))
 
 
 def resolve_model(config: ml_collections.ConfigDict) -> model_config_lib.TransformerConfig:
@@ -146,30 +173,42 @@ def fake_quant_params(params, objective: objectives_lib.Objective, bits):
 
   def one(path, w):
     keys = [getattr(k, "key", None) for k in path]
-    if len(keys) >= 2 and keys[0].startswith("layer_") and keys[-2] in names:
-      return fake_quant_lib.fake_quant(w, bits, objective.parent_bits,
-                                       model_config_lib.QUANT_REDUCE_AXES[keys[-2]],
-                                       extra_precision=objective.extra_precision)
+    if len(keys) >= 2 and keys[-2] in names and (keys[0].startswith("layer_") or
+                                                  keys[0] == "layers"):
+      # The stacked layout has a leading layer axis: statistics stay per layer.
+      shift = 1 if keys[0] == "layers" else 0
+      return fake_quant_lib.fake_quant(
+          w, bits, objective.parent_bits,
+          tuple(a + shift for a in model_config_lib.QUANT_REDUCE_AXES[keys[-2]]),
+          extra_precision=objective.extra_precision)
     return w
 
   return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_dtype):
-  """(params, batch, bits) -> logits, for objectives.loss_and_grads."""
-  module = transformer_lib.Transformer(model, dtype=compute_dtype)
+def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_dtype, *,
+                  scan_layers: bool = False, remat: str = "none", mesh=None,
+                  return_hidden: bool = False, unroll_scan: bool = False):
+  """(params, batch, bits) -> logits (or final hidden states), for objectives.loss_and_grads.
+
+  With a mesh, activations are pinned to the logical axes of sharding.DEFAULT_RULES.
+  """
+  module = transformer_lib.Transformer(
+      model, dtype=compute_dtype, scan_layers=scan_layers, remat=remat, mesh=mesh,
+      axis_rules=None if mesh is None else sharding_lib.DEFAULT_RULES, unroll_scan=unroll_scan)
 
   def apply_fn(params, batch, bits):
     if bits is not None:
       params = fake_quant_params(params, objective, bits)
     return module.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                        segment_ids=batch.get("segment_ids"))
+                        segment_ids=batch.get("segment_ids"), return_hidden=return_hidden)
   return apply_fn
 
 
-def trainable_mask(model: model_config_lib.TransformerConfig, scope: Scope, train_scope: str):
+def trainable_mask(model: model_config_lib.TransformerConfig, scope: Scope, train_scope: str,
+                   scan_layers: bool = False):
   """True for the params that train: all, or only the quantized kernels."""
-  shapes = transformer_lib.param_shapes(model)
+  shapes = transformer_lib.param_shapes(model, scan_layers=scan_layers)
   if train_scope == "all":
     return jax.tree_util.tree_map(lambda _: True, shapes)
   kinds = {Scope.FFN: {"mlp"}, Scope.ATTN: {"attn"}, Scope.FFN_ATTN: {"mlp", "attn"}}[scope]
@@ -184,16 +223,26 @@ def make_optimizer(config, setup: Setup):
       final_lr_fraction=o.final_lr_fraction, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
       eps=o.eps, grad_clip_norm=o.grad_clip_norm,
       trainable_mask=(None if setup.train_scope == "all" else
-                      trainable_mask(setup.model, setup.objective.scope, setup.train_scope)))
+                      trainable_mask(setup.model, setup.objective.scope, setup.train_scope,
+                                     setup.scan_layers)))
 
 
 def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
   """The (unjitted) step: (state, batch) -> (state, metrics)."""
-  apply_fn = make_apply_fn(setup.model, setup.objective, setup.compute_dtype)
+  chunked = setup.loss_chunk_size > 0
+  apply_fn = make_apply_fn(setup.model, setup.objective, setup.compute_dtype,
+                           scan_layers=setup.scan_layers, remat=setup.remat, mesh=setup.mesh,
+                           return_hidden=chunked, unroll_scan=setup.unroll_scans)
+  head = None
+  if chunked:
+    def head(params, hidden):
+      return transformer_lib.head_logits(setup.model, params, hidden, setup.compute_dtype)
+  p_shard, _ = param_shardings(setup)
 
   def step(state: TrainState, batch):
-    loss, grads, metrics = objectives_lib.loss_and_grads(setup.objective, apply_fn,
-                                                         state.params, batch)
+    loss, grads, metrics = objectives_lib.loss_and_grads(
+        setup.objective, apply_fn, state.params, batch, head=head,
+        chunk=setup.loss_chunk_size, grad_shardings=p_shard, unroll=setup.unroll_scans)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -206,19 +255,25 @@ def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
   return step
 
 
+def param_shardings(setup: Setup, scan_layers: bool | None = None):
+  """(NamedShardings of the params from their logical axes, notes); the setup's layout unless
+  scan_layers says which."""
+  scan = setup.scan_layers if scan_layers is None else scan_layers
+  return sharding_lib.param_shardings(
+      transformer_lib.logical_axes(setup.model, scan_layers=scan),
+      transformer_lib.param_shapes(setup.model, scan_layers=scan), setup.mesh)
+
+
 def state_shardings(setup: Setup, tx):
-  """Shardings of TrainState (params from logical axes; optimizer state from compilation)."""
-  shapes = transformer_lib.param_shapes(setup.model)
-  p_shard, notes = sharding_lib.param_shardings(
-      transformer_lib.logical_axes(setup.model), shapes, setup.mesh)
+  """Shardings of TrainState: params from logical axes, optimizer state exactly like them."""
+  shapes = transformer_lib.param_shapes(setup.model, scan_layers=setup.scan_layers)
+  p_shard, notes = param_shardings(setup)
   abstract = jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh), shapes, p_shard)
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
-  # XLA propagates the params' shardings into the moments; scalars (Adam's count) come back
-  # on one device and must live on the mesh like everything else.
-  opt_shard = jax.tree_util.tree_map(
-      lambda sh: sh if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == setup.mesh
-      else replicated, jax.jit(tx.init).lower(abstract).compile().output_shardings)
+  # Adam's moments sharded exactly like their params (ZeRO-3); counts replicated.
+  opt_shard = sharding_lib.state_shardings_like_params(
+      jax.eval_shape(tx.init, abstract), abstract, p_shard, setup.mesh)
   return TrainState(step=replicated, params=p_shard, opt_state=opt_shard), abstract, notes
 
 
@@ -302,6 +357,9 @@ def resolve_tokenizer(config, workdir: pathlib.Path, model: model_config_lib.Tra
                                     tfds_data_dir=config.data.tfds_data_dir or None)
           texts = (src[i] for i in range(min(len(src), 20_000)))
           tokenizer_lib.train_tokenizer(texts, str(target.with_suffix("")), vocab, family=family)
+      if jax.process_count() > 1:  # the others read what process 0 wrote
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("matquant_jax: tokenizer trained")
       tok = tokenizer_lib.Tokenizer.from_file(target, family=family)
     else:
       if spec == "auto":
@@ -326,12 +384,18 @@ def initial_params(config, setup: Setup, shardings, rng):
   spec = config.init
   model = setup.model
   if spec == "random":
-    module = transformer_lib.Transformer(model)
+    module = transformer_lib.Transformer(model, scan_layers=setup.scan_layers)
     init = jax.jit(lambda key: jax.tree_util.tree_map(
         lambda x: x.astype(jnp.float32),
         __import__("flax").linen.meta.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32)))["params"]),
         out_shardings=shardings)
     return init(rng)
+  if setup.scan_layers:
+    # Every reader yields the per-layer layout: load it sharded, then stack on the devices.
+    per_layer = initial_params(config, dataclasses.replace(setup, scan_layers=False),
+                               param_shardings(setup, scan_layers=False)[0], rng)
+    return jax.jit(lambda p: transformer_lib.stack_layers(p, model),
+                   out_shardings=shardings, donate_argnums=0)(per_layer)
   kind, _, path = spec.partition(":")
   if kind == "run":
     import orbax.checkpoint as ocp
@@ -361,6 +425,32 @@ def initial_params(config, setup: Setup, shardings, rng):
                                 params, shardings)
 
 
+def data_num_shards(config) -> int:
+  """config.data.num_shards, 0 meaning one logical shard per process."""
+  n = int(config.data.num_shards)
+  return n if n > 0 else jax.process_count()
+
+
+def gather_data_state(local: dict[str, Any]) -> dict[str, Any]:
+  """Every process's data-iterator states merged into one dict (keyed by logical shard).
+
+  Orbax writes a JSON item from the primary process only, so each process's state is
+  all-gathered first; on restore every process picks its own shards from the merged dict.
+  """
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(local).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int64)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  every = np.asarray(multihost_utils.process_allgather(padded))
+  merged: dict[str, Any] = {}
+  for p in range(every.shape[0]):
+    merged.update(json.loads(every[p, :int(sizes.reshape(-1)[p])].tobytes().decode()))
+  return merged
+
+
 def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
@@ -372,6 +462,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   from matquant_jax.checkpoints.matquant_checkpoint import export_matquant_checkpoint
   from matquant_jax.data import lm
 
+  if config.aot_topology:
+    return aot_topology_report(config)
   workdir = pathlib.Path(workdir).absolute()
   setup = resolve(config)
   dcfg = data_config(config)
@@ -403,9 +495,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     return {"aot_only": True, "memory": mem}
 
   tokenizer = resolve_tokenizer(config, workdir, setup.model)
-  data_iter = lm.make_lm_dataset(dcfg, tokenizer, split="train",
-                                 shard_index=jax.process_index(),
-                                 shard_count=jax.process_count())
+  data_iter = lm.HostBatches(dcfg, tokenizer, split="train", num_shards=data_num_shards(config),
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
 
   mngr = ocp.CheckpointManager(
       workdir / "checkpoints",
@@ -462,7 +554,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       if step % config.checkpoint_every_steps == 0 or step == setup.num_steps:
         _check_finite(step, m)
         mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_iter.get_state())))
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(gather_data_state(data_iter.get_state()))))
     if pending is not None:
       _check_finite(*pending)
     mngr.wait_until_finished()
@@ -471,13 +564,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   final = workdir / "final_params"
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(final, state.params, force=True)
+  # Outside the train state, params are always in the per-layer layout (readers, export).
+  final_params = state.params
+  if setup.scan_layers:
+    final_params = jax.jit(lambda p: transformer_lib.unstack_layers(p, setup.model),
+                           out_shardings=param_shardings(setup, scan_layers=False)[0])(
+                               state.params)
+  ckptr.save(final, final_params, force=True)
   ckptr.wait_until_finished()
   summary = {"steps": step, "final_metrics": last_metrics, "memory": mem,
              "final_params": str(final)}
   if config.export and setup.objective.method != "bf16":
     path = export_matquant_checkpoint(
-        workdir / "matquant_int8", setup.model, state.params, scope=setup.objective.scope,
+        workdir / "matquant_int8", setup.model, final_params, scope=setup.objective.scope,
         parent_bits=setup.objective.parent_bits, overwrite=True,
         metadata={"objective": setup.objective.describe(), "steps": step,
                   "config": json.loads(config.to_json_best_effort())})
@@ -487,8 +586,56 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   return summary
 
 
+def aot_topology_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compiles the train step for `config.aot_topology` (e.g. "v5e:8x8") and reports it.
+
+  No TPU is needed, only libtpu (training/aot.py). Returns the report (aot.compile_report's
+  fields plus the run's shape); a step that does not fit has fits=False, not an exception.
+  """
+  from matquant_jax.training import aot
+  if not config.aot_only:
+    raise ConfigError(f"config.aot_topology={config.aot_topology!r} compiles for a topology "
+                      f"this host does not have: add --config.aot_only=True.")
+  try:
+    devices = aot.topology_devices(config.aot_topology)
+  except aot.TopologyError as e:
+    raise ConfigError(f"config.aot_topology: {e}") from None
+  setup = resolve(config, devices=devices)
+  tx, schedule = make_optimizer(config, setup)
+  passes = max(len(setup.objective.bits), 1)
+  model_flops = (metrics_lib.train_flops_per_token(setup.model, setup.seq_len) *
+                 setup.global_batch_size * setup.seq_len * passes / len(devices))
+  return aot.compile_report(
+      lambda: compile_step(setup, tx, schedule)[1], devices, model_flops,
+      cost_fn=lambda: _unrolled_cost(config, setup),
+      cost_label="unrolled" if not setup.scan_layers else "unrolled, depth-extrapolated",
+      topology=config.aot_topology, mesh=dict(setup.mesh.shape), model=setup.model.name,
+      objective=setup.objective.describe(), seq_len=setup.seq_len,
+      global_batch_size=setup.global_batch_size, scan_layers=setup.scan_layers,
+      remat=setup.remat, loss_chunk_size=setup.loss_chunk_size)
+
+
+def _unrolled_cost(config, setup: Setup) -> dict[str, float]:
+  """XLA's cost of the step with every scan unrolled (aot.compile_report's cost_fn).
+
+  XLA counts a loop body once. With scanned layers, the unrolled step is compiled for the model
+  cut to 1 and 2 layer groups and extrapolated linearly to the full depth (aot.cost_dict).
+  """
+  from matquant_jax.training import aot
+  unrolled = dataclasses.replace(setup, unroll_scans=True)
+  if not setup.scan_layers:
+    return aot.cost_dict(compile_step(unrolled, *make_optimizer(config, unrolled))[1])
+  period = transformer_lib.layer_period(setup.model)
+  groups = setup.model.num_layers // period
+  costs = []
+  for g in (1, 2):
+    cut = dataclasses.replace(unrolled, model=setup.model.replace(num_layers=g * period))
+    costs.append(aot.cost_dict(compile_step(cut, *make_optimizer(config, cut))[1]))
+  return aot.extrapolate_depth(costs[0], costs[1], groups)
+
+
 def _abstract_state(setup: Setup, tx, shardings: TrainState) -> TrainState:
-  shapes = transformer_lib.param_shapes(setup.model)
+  shapes = transformer_lib.param_shapes(setup.model, scan_layers=setup.scan_layers)
   params = jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh), shapes,
       shardings.params)

@@ -161,3 +161,38 @@ def test_distillation_losses():
   np.testing.assert_allclose(obj.distillation(s, t, mask, "soft_ce") - ent,
                              obj.distillation(s, t, mask, "kl"), rtol=1e-5)
   np.testing.assert_allclose(obj.distillation(s, t, mask, "l2"), jnp.mean((s - t) ** 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(method="matquant"),
+    dict(method="matquant", weights=(0.3, 0.5, 1.0), codistill="[8,4,2,8->4;2]"),
+    dict(method="matquant", weights=(0.2, 0.2, 1.0), codistill="[8,4,2,8->2]",
+         stop_teacher_grad=False),
+    dict(method="matquant", weights=(1.0, 0.5, 1.0), codistill="[8,4,2,8->4;2]",
+         stop_teacher_grad=False, distill_loss="l2"),
+    dict(method="bf16"),
+])
+@pytest.mark.parametrize("scan", [True, False])
+def test_chunked_head_losses_equal_the_full_logits_objective(kwargs, scan):
+  # apply_fn returns hidden states and a separate head (with its own trained params, like a
+  # tied embedding) makes logits 3 tokens at a time: same loss and gradients as full logits.
+  o = obj.make_objective(**kwargs)
+  params, batch, make_apply = _toy()
+  params = dict(params, head=jax.random.normal(jax.random.PRNGKey(1), (V, V)) * 0.5)
+  hidden_fn = make_apply(o)
+
+  def head(p, h):
+    return jnp.tanh(h @ p["head"] / 3.0) * 3.0
+
+  def full_fn(p, b, bits):
+    return head(p, hidden_fn(p, b, bits))
+
+  loss, grads, metrics = jax.jit(lambda p: obj.loss_and_grads(
+      o, hidden_fn, p, batch, scan=scan, head=head, chunk=4))(params)
+  want_loss, want_grads, want_metrics = obj.loss_and_grads(o, full_fn, params, batch, scan=False)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for k in params:
+    np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-4, atol=1e-6)
+  for k in want_metrics:
+    np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-5)
+  assert obj.chunk_length(6, 4) == 3 and obj.chunk_length(8192, 1024) == 1024

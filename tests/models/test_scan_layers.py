@@ -1,0 +1,68 @@
+"""The scanned decoder stack: same numbers as the per-layer model, both param layouts convert."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from matquant_jax.models import config as mc
+from matquant_jax.models import transformer as T
+from matquant_jax.quant.plan import PrecisionPlan
+
+
+@pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_mistral"])
+def test_scanned_stack_equals_per_layer_model(name):
+  cfg = mc.get_config(name)
+  params = T.init_params(cfg, jax.random.key(0))
+  stacked = T.stack_layers(params, cfg)
+  # Layout: Gemma-2 scans (local, global) pairs; the leading axis is the group index.
+  period = T.layer_period(cfg)
+  assert period == (2 if name == "tiny_gemma2" else 1)
+  assert set(stacked["layers"]) == {f"sub_{j}" for j in range(period)}
+  assert not any(k.startswith("layer_") for k in stacked)
+  assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(
+      T.param_shapes(cfg, scan_layers=True))
+  q = stacked["layers"][f"sub_{period - 1}"]["mlp"]["linear"]["w"]
+  assert q.shape == (cfg.num_layers // period,) + params["layer_0"]["mlp"]["linear"]["w"].shape
+  np.testing.assert_array_equal(q[1], params[f"layer_{2 * period - 1}"]["mlp"]["linear"]["w"])
+  assert T.logical_axes(cfg, scan_layers=True)["layers"]["sub_0"]["mlp"]["linear"]["w"] == \
+      jax.sharding.PartitionSpec("layers", "mlp", "embed")
+  back = T.unstack_layers(stacked, cfg)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      lambda a, b: bool(jnp.array_equal(a, b)), back, params))
+
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+  plan = PrecisionPlan.parse("ffn:int4")
+  ref_model = T.Transformer(cfg, plan=plan)
+  ref = jax.jit(ref_model.apply)({"params": params}, tokens)
+  ref_grads = T.stack_layers(jax.jit(jax.grad(
+      lambda p: jnp.sum(ref_model.apply({"params": p}, tokens) ** 2)))(params), cfg)
+  for remat in ("none", "dots", "full"):
+    model = T.Transformer(cfg, plan=plan, scan_layers=True, remat=remat)
+    np.testing.assert_allclose(jax.jit(model.apply)({"params": stacked}, tokens), ref,
+                               rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens) ** 2)))(
+        stacked)
+    for g, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+      # float32 summation order differs between the scan and the unrolled layers.
+      np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  hidden = T.Transformer(cfg, plan=plan, scan_layers=True).apply(
+      {"params": stacked}, tokens, return_hidden=True)
+  np.testing.assert_allclose(T.head_logits(cfg, params, hidden), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_stack_refuses_what_it_cannot_do():
+  cfg = mc.get_config("tiny_gemma2")
+  stacked = T.stack_layers(T.init_params(cfg, jax.random.key(0)), cfg)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="no KV cache"):
+    T.Transformer(cfg, scan_layers=True).apply(
+        {"params": stacked}, tokens, positions=jnp.zeros((1, 4), jnp.int32),
+        cache=T.init_cache(cfg, 1, 8))
+  with pytest.raises(ValueError, match="one plan per group position"):
+    T.Transformer(cfg, plan=PrecisionPlan.parse("ffn:pyramid@3.0"), scan_layers=True).apply(
+        {"params": stacked}, tokens)
+  with pytest.raises(ValueError, match="not in the per-layer layout"):
+    T.stack_layers(stacked, cfg)
+  with pytest.raises(ValueError, match="not in the scanned layout"):
+    T.unstack_layers(T.unstack_layers(stacked, cfg), cfg)

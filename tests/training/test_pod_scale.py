@@ -1,0 +1,112 @@
+"""Pod-scale memory in the train step: ZeRO-3 optimizer state, scanned layers, chunked loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from matquant_jax.training import sharding
+from matquant_jax.training import trainer
+from tests.training.test_trainer import tiny_config
+
+
+def _batch(seed=0, b=8, t=32):
+  rng = np.random.default_rng(seed)
+  return {"inputs": rng.integers(0, 512, (b, t)).astype(np.int32),
+          "targets": rng.integers(0, 512, (b, t)).astype(np.int32),
+          "segment_ids": np.ones((b, t), np.int32),
+          "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+          "loss_mask": np.ones((b, t), np.float32)}
+
+
+def _init_state(c, setup, tx, shardings):
+  params = trainer.initial_params(c, setup, shardings.params, jax.random.key(0))
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  return trainer.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                            params=params, opt_state=opt_state)
+
+
+def _shard_count(x) -> int:
+  return int(np.prod([x.sharding.mesh.shape[a] for axes in x.sharding.spec if axes
+                      for a in (axes if isinstance(axes, tuple) else (axes,))]))
+
+
+def test_optimizer_state_is_sharded_like_the_params():
+  c = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 8, "optimizer.grad_clip_norm": 1.0})
+  setup = trainer.resolve(c, devices=jax.devices()[:8])
+  tx, schedule = trainer.make_optimizer(c, setup)
+  jitted, _, shardings, _ = trainer.compile_step(setup, tx, schedule)
+  state = _init_state(c, setup, tx, shardings)
+  # After a step (the compiled step's own output layout), not only after init.
+  state, _ = jitted(state, trainer._to_global(_batch(), sharding.batch_sharding(setup.mesh)))
+  p_flat = {jax.tree_util.keystr(p): x for p, x in
+            jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  moments = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+    name = jax.tree_util.keystr(path)
+    per_device = leaf.addressable_shards[0].data.nbytes
+    assert per_device * _shard_count(leaf) == leaf.nbytes, name
+    if leaf.ndim:  # Adam's mu and nu: exactly their param's sharding
+      moments += 1
+      twin = [p for k, p in p_flat.items() if name.endswith(k)]
+      assert twin and leaf.sharding == twin[0].sharding, name
+  assert moments == 2 * len(p_flat)
+  # fsdp=8 divides the width 64 of every param and moment: all are split 8 ways (ZeRO-3).
+  assert all(_shard_count(x) == 8 for x in jax.tree_util.tree_leaves(state.params))
+  assert sum(_shard_count(x) == 8 for x in jax.tree_util.tree_leaves(state.opt_state)) == moments
+
+
+@pytest.mark.parametrize("codistill", ["", "[8,4,2,8->2]"])
+def test_scanned_chunked_step_equals_per_layer_full_logits_step(codistill):
+  from matquant_jax.models import transformer
+  results = []
+  for scan, remat, chunk in ((False, "none", 0), (True, "full", 8)):
+    c = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "scan_layers": scan,
+                       "remat": remat, "loss_chunk_size": chunk})
+    if codistill:
+      c.objective.codistill = codistill
+      c.objective.weights = (0.2, 0.2, 1.0)
+    setup = trainer.resolve(c, devices=jax.devices()[:8])
+    tx, schedule = trainer.make_optimizer(c, setup)
+    jitted, _, shardings, _ = trainer.compile_step(setup, tx, schedule)
+    if not scan:
+      state = _init_state(c, setup, tx, shardings)
+      start = jax.device_get(state.params)  # the step donates its input
+    else:  # the same starting weights, stacked at the boundary
+      params = jax.jit(lambda p: transformer.stack_layers(p, setup.model),
+                       out_shardings=shardings.params)(start)
+      state = trainer.TrainState(
+          step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+          opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+    for i in range(2):
+      state, m = jitted(state, trainer._to_global(_batch(i), sharding.batch_sharding(setup.mesh)))
+    params = jax.device_get(state.params)
+    if scan:
+      params = transformer.unstack_layers(params, setup.model)
+    results.append((params, float(m["loss"])))
+  (p_layer, l_layer), (p_scan, l_scan) = results
+  assert l_layer == pytest.approx(l_scan, rel=1e-5)
+  for x, y in zip(jax.tree_util.tree_leaves(p_layer), jax.tree_util.tree_leaves(p_scan)):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"remat": "some"}, "config.remat='some'"),
+    ({"remat": "full", "scan_layers": False}, "needs config.scan_layers=True"),
+    ({"loss_chunk_size": -1}, "loss_chunk_size"),
+])
+def test_pod_scale_options_are_validated(overrides, match):
+  from matquant_jax.training.config import ConfigError
+  with pytest.raises(ConfigError, match=match):
+    trainer.resolve(tiny_config(**overrides), devices=jax.devices()[:1])
+
+
+def test_paper_step_count_is_the_data_pipelines_batch_count():
+  # One source: 100M tokens / (16 × 8192) packs into 12,208 rows -> 763 batches (the last row
+  # partly filled), and the LR schedule runs exactly that many steps.
+  from matquant_jax.data import lm
+  from matquant_jax.training.config import paper_qat_config
+  c = paper_qat_config("gemma2_9b")
+  c.aot_only = True
+  setup = trainer.resolve(c, devices=jax.devices()[:1])
+  assert setup.num_steps == lm.budget_num_batches(trainer.data_config(c)) == 763
