@@ -14,6 +14,9 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "absl-py",
     "sentencepiece==0.2.3",
+    # Hugging Face tokenizer.json files (BPE etc.) and their Jinja chat templates.
+    "tokenizers==0.23.3",
+    "jinja2==3.1.6",
     "tensorflow-datasets==4.9.10",
     # TFDS 4.9.10 needs it to build datasets but does not declare it.
     "importlib_resources",

@@ -47,9 +47,11 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--checkpoint", action="append", default=[], metavar="KIND=PATH",
                   help=f"an int8 checkpoint; KIND in {KINDS}. Repeatable.")
-  ap.add_argument("--bf16", default="", help="reference weights: hf:<dir>, gemma:<dir>:<preset>, "
+  ap.add_argument("--bf16", default="", help="reference weights: hf:<dir>, gemma:<dir>[:<preset>], "
                   "mistral:<dir> or run:<workdir>")
-  ap.add_argument("--tokenizer", required=True, help="sentencepiece model file")
+  ap.add_argument("--tokenizer", default="auto",
+                  help="SentencePiece .model, HF tokenizer.json (or a directory with one); "
+                       "'auto' (default) finds the one next to the first checkpoint or --bf16")
   ap.add_argument("--out", required=True)
   ap.add_argument("--bits", default="8,6,4,3,2")
   ap.add_argument("--mix", default="", help="Mix'n'Match specs, e.g. pyramid@3.0,decreasing@5.0")
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
 
   import jax.numpy as jnp
   from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
-  from matquant_jax.data.tokenizer import Tokenizer
+  from matquant_jax.checkpoints import weight_source
+  from matquant_jax.data import tokenizer as tokenizer_lib
   from matquant_jax.evaluation import plots, report, sweep
   from matquant_jax.quant.plan import PrecisionPlan
 
@@ -87,7 +90,23 @@ def main(argv=None) -> int:
     entries.append((kind, ckpt, plans))
   if not entries and not args.bf16:
     ap.error("nothing to evaluate: pass --checkpoint KIND=PATH and/or --bf16.")
-  tok = Tokenizer.from_file(args.tokenizer)
+  bf16_source = None
+  if args.bf16:
+    try:
+      bf16_source = weight_source.parse(args.bf16)
+      weight_source.architecture(bf16_source)  # config errors before any evaluation
+    except (ValueError, FileNotFoundError) as e:
+      ap.error(f"--bf16 {args.bf16!r}: {e}")
+  try:
+    if args.tokenizer != "auto":
+      tok_path = pathlib.Path(args.tokenizer)
+    elif entries:
+      tok_path = tokenizer_lib.find_tokenizer(pathlib.Path(args.checkpoint[0].partition("=")[2]))
+    else:
+      tok_path = weight_source.tokenizer_near(bf16_source)
+    tok = tokenizer_lib.open_tokenizer(tok_path)
+  except (ValueError, FileNotFoundError) as e:
+    ap.error(f"--tokenizer={args.tokenizer}: {e}")
   options = sweep.EvalOptions(
       ppl_source=args.ppl_source, ppl_seq_len=args.ppl_seq_len,
       ppl_max_tokens=args.ppl_max_tokens, ppl_max_documents=args.ppl_max_documents,
@@ -97,7 +116,7 @@ def main(argv=None) -> int:
 
   records = []
   if args.bf16:
-    config, params = _load_bf16(args.bf16)
+    config, params = weight_source.load(bf16_source)
     rec = sweep.plan_record("bf16", PrecisionPlan.bf16(), 16.0)
     rec.update(sweep.evaluate_params(config, params, tok, options))
     records.append(rec)
@@ -116,27 +135,6 @@ def main(argv=None) -> int:
   if points:
     plots.plot_quality_vs_bits(points, pathlib.Path(args.out) / "quality_vs_bits.png", metric=metric)
   return 0
-
-
-def _load_bf16(spec: str):
-  from matquant_jax import checkpoints
-  from matquant_jax.models import get_config
-  kind, _, rest = spec.partition(":")
-  if kind == "hf":
-    return checkpoints.load_hf_checkpoint(rest)
-  if kind == "mistral":
-    return checkpoints.load_mistral_consolidated(rest)
-  if kind == "gemma":
-    path, _, preset = rest.rpartition(":")
-    config = get_config(preset)
-    return config, checkpoints.load_gemma_flax_checkpoint(path, config)
-  if kind == "run":
-    import json
-    import orbax.checkpoint as ocp
-    cfg = json.loads((pathlib.Path(rest) / "config.json").read_text())
-    config = get_config(cfg["model"])
-    return config, ocp.StandardCheckpointer().restore((pathlib.Path(rest) / "final_params").absolute())
-  raise SystemExit(f"--bf16 {spec!r}: use hf:<dir>, gemma:<dir>:<preset>, mistral:<dir> or run:<dir>.")
 
 
 if __name__ == "__main__":

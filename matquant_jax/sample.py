@@ -1,13 +1,28 @@
-"""Command line: sample from an int8 MatQuant checkpoint served at any precision plan.
+"""Command line: sample from any checkpoint at any precision plan.
 
     python -m matquant_jax.sample --checkpoint=runs/tiny/export --plan=ffn:int2 \
-        --prompt="In the beginning" [--tokenizer=<path>] [--max_new_tokens=64] \
+        --prompt="In the beginning" [--tokenizer=<path>|auto] [--max_new_tokens=64] \
         [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0] [--dtype=bfloat16] [--kernel=auto]
+    python -m matquant_jax.sample --checkpoint=hf:/ckpts/SmolLM2-135M --plan=ffn:int4 \
+        --prompt="What is a bit?" --chat
 
-The checkpoint is streamed into packed serving weights for the plan (matquant_jax.serving), so
-the int2 model holds a quarter of the int8 model's kernel bytes. Prints the generated text, the
-decode speed and the model's resident weight memory. The tokenizer defaults to
-<checkpoint>/../tokenizer.model (where the training run's export puts it).
+Two kinds of checkpoint:
+  * an int8 MatQuant export (a directory written by the train/calibrate commands): it is
+    streamed into packed serving weights for the plan (matquant_jax.serving), so the int2 model
+    holds a quarter of the int8 model's kernel bytes;
+  * a float checkpoint, `hf:<dir>`, `gemma:<dir>[:<preset>]`, `mistral:<dir>` or
+    `run:<workdir>`: the plan's kernels are quantized on the fly by MinMax, the paper's
+    post-training baseline. A uniform plan `ffn:intR` uses MinMax(R) itself; a per-layer plan
+    (Mix'n'Match) or an explicit `:parent=8` slices MinMax int8 codes.
+
+Prints the generated text, the decode speed and the model's resident weight memory. The
+tokenizer ('auto', the default) is the tokenizer.model or tokenizer.json next to the checkpoint
+(or in its parent, where a training run keeps it). `--chat` wraps each prompt in the
+tokenizer's chat template (tokenizer_config.json's, or the family's for SentencePiece models).
+Every argument and file is checked before the model is loaded.
+
+From Python, `load_model(...)` and `generate_ids(model, [[ids...]], ...)` take and return token
+ids.
 
 Tokens/s is measured on a second, identical generation, after the first one compiled the
 sampler (the compile time is printed separately); pass --nowarmup to time the first call.
@@ -15,22 +30,31 @@ sampler (the compile time is printed separately); pass --nowarmup to time the fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
 import time
+from typing import Any, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "int8 MatQuant checkpoint directory.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "int8 MatQuant export directory, or a float checkpoint: hf:<dir>, "
+    "gemma:<dir>[:<preset>], mistral:<dir>, run:<workdir>.")
 _PLAN = flags.DEFINE_string("plan", "ffn:int4", "Precision plan, e.g. ffn:int2, ffn:int4:ep, "
                             "ffn+attn:int4, ffn:pyramid@3.0, bf16.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: "
-                                 "<checkpoint>/../tokenizer.model).")
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn of the tokenizer's "
+                          "chat template.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "auto", "SentencePiece .model or HF "
+                                 "tokenizer.json; 'auto' finds it next to the checkpoint.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens generated per prompt.")
+_MAX_LENGTH = flags.DEFINE_integer(
+    "max_length", 8192, "Most tokens (prompt + generated) per row; sizes the KV cache. 8192 is "
+    "Gemma-2's context; raise it for models trained on longer contexts.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
@@ -44,6 +68,138 @@ _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "planes", "u8", "int4"],
 _WARMUP = flags.DEFINE_bool("warmup", True, "Time a second generation after a compiling one.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 
+_FLOAT_KINDS = ("hf", "gemma", "mistral", "run")
+
+
+class UsageError(ValueError):
+  """A bad argument or file, reported as one line before anything heavy happens."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """Everything `main` needs, validated."""
+  checkpoint: str
+  float_source: Any          # weight_source.WeightSource for float checkpoints, else None
+  plan: Any                  # PrecisionPlan
+  tokenizer_path: pathlib.Path
+
+
+def float_plan(plan):
+  """The plan a float checkpoint is served at: a uniform plan without an explicit parent
+  quantizes with MinMax at its own width (the paper's MinMax(r) baseline); a plan string with
+  ':parent=N' keeps its parent."""
+  from matquant_jax.quant.plan import PrecisionPlan, Strategy
+  if isinstance(plan, str):
+    explicit = "parent=" in plan.replace(" ", "").lower()
+    plan = PrecisionPlan.parse(plan)
+    if explicit:
+      return plan
+  if plan.strategy is Strategy.UNIFORM and plan.bits is not None and plan.parent_bits == 8:
+    return PrecisionPlan.uniform(plan.bits, plan.scope, extra_precision=plan.extra_precision,
+                                 parent_bits=plan.bits)
+  return plan
+
+
+def check_request(checkpoint: str | None, plan_text: str, prompts: Sequence[str] | None,
+                  tokenizer: str, max_new_tokens: int, max_length: int, temperature: float,
+                  top_k: int | None, top_p: float | None) -> Request:
+  """Validates the arguments and files; raises UsageError naming the problem and the fix."""
+  from matquant_jax.checkpoints import weight_source
+  from matquant_jax.data import tokenizer as tokenizer_lib
+  from matquant_jax.quant.plan import PrecisionPlan
+  if not checkpoint:
+    raise UsageError("pass --checkpoint=<int8 MatQuant export dir> or hf:<dir> (also gemma:, "
+                     "mistral:, run:).")
+  if not prompts:
+    raise UsageError('pass --prompt="..." (repeat it for a batch).')
+  empty = [i for i, p in enumerate(prompts) if not p.strip()]
+  if empty:
+    raise UsageError(f"prompt {empty[0] + 1} is empty; give every --prompt some text.")
+  if max_new_tokens < 1:
+    raise UsageError(f"--max_new_tokens={max_new_tokens} must be >= 1.")
+  if max_length < 2:
+    raise UsageError(f"--max_length={max_length} must be >= 2.")
+  if max_new_tokens >= max_length:
+    raise UsageError(f"--max_new_tokens={max_new_tokens} leaves no room for the prompt within "
+                     f"--max_length={max_length} tokens (the KV cache size); lower it, or raise "
+                     f"--max_length if the model was trained on longer contexts.")
+  if temperature < 0:
+    raise UsageError(f"--temperature={temperature} must be >= 0 (0 = greedy).")
+  if top_k is not None and top_k < 1:
+    raise UsageError(f"--top_k={top_k} must be >= 1.")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise UsageError(f"--top_p={top_p} must be in (0, 1].")
+  try:
+    plan = PrecisionPlan.parse(plan_text)
+  except ValueError as e:
+    raise UsageError(f"--plan={plan_text!r}: {e}") from None
+  kind = checkpoint.partition(":")[0]
+  source = None
+  if kind in _FLOAT_KINDS and ":" in checkpoint:
+    try:
+      source = weight_source.parse(checkpoint)
+      weight_source.architecture(source)  # config problems before any tensor is read
+    except (ValueError, FileNotFoundError) as e:
+      raise UsageError(f"--checkpoint={checkpoint}: {e}") from None
+    plan = float_plan(plan_text)
+    ckpt_dir = source.path
+  else:
+    ckpt_dir = pathlib.Path(checkpoint)
+    if not ckpt_dir.is_dir():
+      raise UsageError(f"--checkpoint={checkpoint}: no such directory. Give an int8 MatQuant "
+                       f"export directory, or a float checkpoint as hf:<dir> (gemma:, "
+                       f"mistral:, run:).")
+  try:
+    tok_path = (tokenizer_lib.find_tokenizer(ckpt_dir) if tokenizer == "auto"
+                else pathlib.Path(tokenizer))
+    if not tok_path.exists():
+      raise FileNotFoundError(f"tokenizer {tok_path} does not exist.")
+  except FileNotFoundError as e:
+    raise UsageError(f"--tokenizer={tokenizer}: {e}") from None
+  return Request(checkpoint, source, plan, tok_path)
+
+
+def load_model(checkpoint: str, plan, *, dtype=None, fmt: str = "auto"):
+  """A ServingModel for `checkpoint` (int8 export dir, or hf:/gemma:/mistral:/run: float
+  weights quantized on the fly) at `plan`: a plan string (for float weights read as
+  `float_plan` does) or a PrecisionPlan, used as given."""
+  import jax.numpy as jnp
+  from matquant_jax.checkpoints import weight_source
+  from matquant_jax.quant.plan import PrecisionPlan
+  from matquant_jax.serving import loader
+  dtype = jnp.bfloat16 if dtype is None else dtype
+  kind = checkpoint.partition(":")[0]
+  if kind in _FLOAT_KINDS and ":" in checkpoint:
+    import jax
+    import numpy as np
+    config, params = weight_source.load(checkpoint)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x), dtype), params)
+    return loader.ServingModel(config=config, plan=plan if not isinstance(plan, str) else float_plan(plan), params=params, dtype=dtype,
+                               source=pathlib.Path(checkpoint.partition(":")[2]))
+  plan = PrecisionPlan.parse(plan) if isinstance(plan, str) else plan
+  return loader.load_serving(pathlib.Path(checkpoint), plan, dtype=dtype, fmt=fmt)
+
+
+def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                 eos_ids: Sequence[int] | None = None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0
+                 ) -> list[list[int]]:
+  """Token ids in, token ids out: the generated ids of each prompt (stop tokens dropped)."""
+  import jax
+  import numpy as np
+  if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+    raise ValueError("every prompt needs at least one token id.")
+  length = max(len(p) for p in prompt_ids)
+  prompts = np.full((len(prompt_ids), length), model.config.pad_id, np.int32)
+  for i, p in enumerate(prompt_ids):
+    prompts[i, :len(p)] = p
+  lengths = np.array([len(p) for p in prompt_ids], np.int32)
+  eos = tuple(eos_ids) if eos_ids is not None else (model.config.eos_id,)
+  out = model.generate(prompts, lengths, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, rng=jax.random.key(seed), eos_ids=eos)
+  tokens, generated = np.asarray(out.tokens), np.asarray(out.lengths)
+  return [[int(t) for t in row[:n] if int(t) not in eos] for row, n in zip(tokens, generated)]
+
 
 def _mib(n: int) -> str:
   return f"{n / 2**20:.2f} MiB"
@@ -56,40 +212,43 @@ def main(argv) -> int:
   import jax.numpy as jnp
   import numpy as np
 
-  from matquant_jax.data.tokenizer import Tokenizer
+  from matquant_jax.data import tokenizer as tokenizer_lib
   from matquant_jax.serving import loader
 
-  if not _CHECKPOINT.value:
-    print("error: pass --checkpoint=<int8 MatQuant checkpoint dir>", file=sys.stderr)
+  try:
+    req = check_request(_CHECKPOINT.value, _PLAN.value, _PROMPT.value, _TOKENIZER.value,
+                        _MAX_NEW.value, _MAX_LENGTH.value, _TEMPERATURE.value, _TOP_K.value,
+                        _TOP_P.value)
+    tokenizer = tokenizer_lib.open_tokenizer(req.tokenizer_path)
+    texts_in = list(_PROMPT.value)
+    if _CHAT.value:
+      texts_in = [tokenizer.apply_chat_template([{"role": "user", "content": p}])
+                  for p in texts_in]
+    encoded = [tokenizer.encode(p) for p in texts_in]
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
-  if not _PROMPT.value:
-    print("error: pass --prompt=\"...\"", file=sys.stderr)
-    return 2
-  ckpt = pathlib.Path(_CHECKPOINT.value)
-  tok_path = pathlib.Path(_TOKENIZER.value) if _TOKENIZER.value else (
-      ckpt.absolute().parent / "tokenizer.model")
-  if not tok_path.exists():
-    print(f"error: tokenizer {tok_path} does not exist; pass --tokenizer=<path to a "
-          f"SentencePiece .model>.", file=sys.stderr)
+  longest = max(len(e) for e in encoded)
+  if longest + _MAX_NEW.value > _MAX_LENGTH.value:
+    print(f"error: the longest prompt has {longest} tokens; with --max_new_tokens="
+          f"{_MAX_NEW.value} that exceeds --max_length={_MAX_LENGTH.value}. Shorten the prompt "
+          f"or lower --max_new_tokens.", file=sys.stderr)
     return 2
   dtype = jnp.dtype(_DTYPE.value)
   try:
     t0 = time.perf_counter()
-    model = loader.load_serving(ckpt, _PLAN.value, dtype=dtype, fmt=_FORMAT.value)
+    model = load_model(req.checkpoint, req.plan, dtype=dtype, fmt=_FORMAT.value)
     load_s = time.perf_counter() - t0
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if _KERNEL.value != "auto":
     model = model.with_path(_KERNEL.value)  # kernels of other formats keep the guard's path
-  tokenizer = Tokenizer.from_file(tok_path)
   if tokenizer.vocab_size > model.config.vocab_size:
     print(f"error: the tokenizer has {tokenizer.vocab_size} pieces but the model only "
           f"{model.config.vocab_size}; pass the tokenizer the model was trained with.",
           file=sys.stderr)
     return 2
-
-  encoded = [tokenizer.encode(p) for p in _PROMPT.value]
   length = max(len(e) for e in encoded)
   prompts = np.full((len(encoded), length), model.config.pad_id, np.int32)
   for i, e in enumerate(encoded):
@@ -133,7 +292,7 @@ def main(argv) -> int:
   if _JSON.value:
     print(json.dumps({"texts": texts, **summary}, indent=2))
     return 0
-  for prompt, text in zip(_PROMPT.value, texts):
+  for prompt, text in zip(texts_in, texts):
     print(f"{prompt}{text}")
     print()
   print(f"plan {summary['plan']} ({dtype.name}, {summary['backend']}): "

@@ -216,15 +216,17 @@ def _auto_data_parallel(batch_size: int, n_devices: int) -> int:
 
 def resolve(config: ml_collections.ConfigDict, *, devices=None) -> CalibSetup:
   """Validates `config` into a CalibSetup; raises ConfigError naming the field and the fix."""
+  from matquant_jax.checkpoints import weight_source  # pylint: disable=g-import-not-at-top
   try:
-    model = model_config_lib.get_config(config.model)
+    model = weight_source.model_config(config.model, config.init)
   except ValueError as e:
-    raise ConfigError(f"config.model: {e}") from None
+    raise ConfigError(f"config.model={config.model!r}: {e}") from None
   o = config.objective
   try:
     objective = make_calib_objective(
         o.method, bits=o.bits, weights=o.weights, codistill=o.codistill, scope=o.scope,
-        extra_precision=o.extra_precision, family=o.family)
+        extra_precision=o.extra_precision,
+        family=weight_source.lambda_family(model) if o.family == "auto" else o.family)
   except ValueError as e:
     raise ConfigError(f"config.objective: {e}") from None
   cal = config.calibration

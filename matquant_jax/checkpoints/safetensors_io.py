@@ -18,6 +18,7 @@ HF names <-> our tree (and HF config.json <-> TransformerConfig) live in
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import dataclasses
 import json
 import math
 import os
@@ -219,11 +220,43 @@ def read_hf_config(path: PathLike) -> dict[str, Any]:
     if archs and list(archs) != [want]:
       problems.append(f"architectures {archs} do not match model_type {model_type!r} "
                       f"(expected [{want!r}])")
+  problems += unsupported_features(d)
   if problems:
     raise ValueError(
         f"{cfg_file}: " + "; ".join(problems) + ". Supported: " +
         ", ".join(f"{t} ({a})" for t, a in SUPPORTED_ARCHITECTURES.items()) + ".")
   return d
+
+
+# config.json keys of features this library's decoder does not implement; a checkpoint that
+# uses them is refused by name before any tensor is read (loading it would run a different model).
+_UNSUPPORTED_KEYS = {
+    "num_local_experts": "mixture-of-experts layers (num_local_experts)",
+    "num_experts": "mixture-of-experts layers (num_experts)",
+    "quantization_config": "pre-quantized weights (quantization_config); load the float model",
+    "attention_bias": "attention biases (attention_bias=true)",
+    "mlp_bias": "MLP biases (mlp_bias=true)",
+}
+
+
+def unsupported_features(d: Mapping[str, Any]) -> list[str]:
+  """Names of features in an HF config.json that the decoder does not implement."""
+  found = []
+  for key, what in _UNSUPPORTED_KEYS.items():
+    value = d.get(key)
+    experts = key in ("num_local_experts", "num_experts")
+    if (experts and isinstance(value, int) and value > 1) or (not experts and value):
+      found.append(what)
+  scaling = d.get("rope_scaling")
+  if isinstance(scaling, Mapping) and scaling.get("rope_type", scaling.get("type")) not in (
+      None, "default"):
+    found.append(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} "
+                 "(rope_scaling); only the default RoPE is implemented")
+  rope = d.get("rope_parameters")
+  if isinstance(rope, Mapping) and rope.get("rope_type", "default") not in ("default",):
+    found.append(f"RoPE type {rope.get('rope_type')!r} (rope_parameters); only the default "
+                 "RoPE is implemented")
+  return found
 
 
 def hf_weight_files(path: PathLike) -> list[pathlib.Path]:
@@ -261,10 +294,17 @@ def expected_hf_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _matching_preset(config: TransformerConfig) -> TransformerConfig:
-  """The preset that differs from `config` at most in name and padding rows, else `config`."""
+  """The preset that differs from `config` at most in name and padding rows, else `config`.
+
+  A checkpoint that matches no preset (a user's own model) keeps the config its config.json
+  describes: every field is read from the file, nothing is borrowed from a preset.
+  """
+  mine = dataclasses.asdict(config)
   for preset in config_lib.PRESETS.values():
-    if config.replace(name=preset.name, num_embed=preset.num_embed) == preset:
-      return preset
+    theirs = dataclasses.asdict(preset)
+    if all(mine[k] == theirs[k] for k in mine if k not in ("name", "num_embed")):
+      if preset.embed_rows >= config.vocab_size:
+        return preset
   return config
 
 

@@ -22,13 +22,14 @@ class ConfigError(ValueError):
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model = "gemma2_2b"          # a preset of matquant_jax.models.config.PRESETS
+  c.model = "gemma2_2b"          # a preset of models.config.PRESETS, or "auto" (init's own)
   # Where the starting weights come from: "random", "run:<workdir>" (the final params of an
   # earlier run, e.g. bf16 pretraining), "hf:<dir>" (HF safetensors), "gemma:<dir>" (official
   # Gemma Flax/Orbax), "mistral:<dir>" (consolidated.safetensors + params.json).
   c.init = "random"
-  # A sentencepiece .model file, or "train:<vocab_size>" to train one on the training text into
-  # the workdir (tiny runs only), or "run:<workdir>" to reuse an earlier run's tokenizer.
+  # A SentencePiece .model or HF tokenizer.json (or a directory with one), "auto" (the one next
+  # to init's checkpoint), "train:<vocab_size>" to train one on the training text into the
+  # workdir (tiny runs only), or "run:<workdir>" to reuse an earlier run's tokenizer.
   c.tokenizer = "train:512"
   c.seed = 0
 
@@ -99,8 +100,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # The paper's QAT models (spec §6-§7) and their λ family.
-PAPER_MODELS = {"gemma2_2b": "gemma", "gemma2_9b": "gemma", "mistral_7b": "mistral"}
-_PRESET_OF = {"gemma2_2b": "gemma2_2b", "gemma2_9b": "gemma2_9b", "mistral_7b": "mistral_7b_v0_1"}
+# "auto": the architecture of --config.init's checkpoint (a user's own model), λ family from
+# its architecture (Gemma-style norms -> gemma, else mistral).
+PAPER_MODELS = {"gemma2_2b": "gemma", "gemma2_9b": "gemma", "mistral_7b": "mistral",
+                "auto": "auto"}
+_PRESET_OF = {"gemma2_2b": "gemma2_2b", "gemma2_9b": "gemma2_9b", "mistral_7b": "mistral_7b_v0_1",
+              "auto": "auto"}
 
 
 def paper_qat_config(model: str, *, ffn_attn: bool = False) -> ml_collections.ConfigDict:

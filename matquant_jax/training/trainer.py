@@ -66,16 +66,13 @@ class Setup:
 
 def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
   """Validates `config` and derives the run's setup; raises ConfigError naming the problem."""
-  try:
-    model = model_config_lib.get_config(config.model)
-  except ValueError as e:
-    raise ConfigError(f"config.model: {e}") from None
+  model = resolve_model(config)
   o = config.objective
   try:
     objective = objectives_lib.make_objective(
         o.method, bits=o.bits, weights=o.weights, codistill=o.codistill, scope=o.scope,
         extra_precision=o.extra_precision, distill_loss=o.distill_loss,
-        stop_teacher_grad=o.stop_teacher_grad, family=o.family)
+        stop_teacher_grad=o.stop_teacher_grad, family=_lambda_family(o.family, model))
   except ValueError as e:
     raise ConfigError(f"config.objective: {e}") from None
   if config.compute_dtype not in COMPUTE_DTYPES:
@@ -139,6 +136,21 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
                seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
                train_scope=config.train_scope, scan_layers=bool(config.scan_layers),
                remat=config.remat, loss_chunk_size=int(config.loss_chunk_size))
+
+
+def resolve_model(config: ml_collections.ConfigDict) -> model_config_lib.TransformerConfig:
+  """config.model as a TransformerConfig: a preset name, or 'auto' / 'from_init' for the
+  architecture of the checkpoint config.init names (read from its config files only)."""
+  from matquant_jax.checkpoints import weight_source
+  try:
+    return weight_source.model_config(config.model, config.init)
+  except ValueError as e:
+    raise ConfigError(f"config.model={config.model!r}: {e}") from None
+
+
+def _lambda_family(family: str, model: model_config_lib.TransformerConfig) -> str:
+  from matquant_jax.checkpoints import weight_source
+  return weight_source.lambda_family(model) if family == "auto" else family
 
 
 def fake_quant_params(params, objective: objectives_lib.Objective, bits):
@@ -316,25 +328,41 @@ def data_config(config):
 
 
 def resolve_tokenizer(config, workdir: pathlib.Path, model: model_config_lib.TransformerConfig):
-  """Loads (or, for "train:<vocab>", trains into the workdir) the run's tokenizer."""
+  """Loads (or, for "train:<vocab>", trains into the workdir) the run's tokenizer.
+
+  config.tokenizer: "train:<vocab>" | "run:<workdir>" | "auto" (the tokenizer shipped next to
+  config.init's checkpoint) | a path (SentencePiece .model, HF tokenizer.json, or a directory
+  holding one). A tokenizer from outside the run is copied into it (tokenizer.model, or the HF
+  files under tokenizer/), so exports and `sample` find it next to the checkpoint.
+  """
+  from matquant_jax.checkpoints import weight_source
   from matquant_jax.data import sources
-  from matquant_jax.data.tokenizer import Tokenizer, train_tokenizer
+  from matquant_jax.data import tokenizer as tokenizer_lib
   spec = config.tokenizer
   family = "gemma" if model.norm_type == model_config_lib.NormType.ZERO_CENTERED else "mistral"
   target = workdir / "tokenizer.model"
-  if spec.startswith("train:"):
-    vocab = int(spec.split(":", 1)[1])
-    if not target.exists():
+  try:
+    if spec.startswith("train:"):
+      vocab = int(spec.split(":", 1)[1])
+      if not target.exists():
+        if jax.process_index() == 0:
+          src = sources.make_source(config.data.source, config.data.train_split,
+                                    tfds_data_dir=config.data.tfds_data_dir or None)
+          texts = (src[i] for i in range(min(len(src), 20_000)))
+          tokenizer_lib.train_tokenizer(texts, str(target.with_suffix("")), vocab, family=family)
+      tok = tokenizer_lib.Tokenizer.from_file(target, family=family)
+    else:
+      if spec == "auto":
+        path = weight_source.tokenizer_near(config.init)
+      elif spec.startswith("run:"):
+        path = tokenizer_lib.find_tokenizer(pathlib.Path(spec[4:]))
+      else:
+        path = pathlib.Path(spec)
+      tok = tokenizer_lib.open_tokenizer(path, family=family)
       if jax.process_index() == 0:
-        src = sources.make_source(config.data.source, config.data.train_split,
-                                  tfds_data_dir=config.data.tfds_data_dir or None)
-        texts = (src[i] for i in range(min(len(src), 20_000)))
-        train_tokenizer(texts, str(target.with_suffix("")), vocab, family=family)
-    tok = Tokenizer.from_file(target, family=family)
-  elif spec.startswith("run:"):
-    tok = Tokenizer.from_file(pathlib.Path(spec[4:]) / "tokenizer.model", family=family)
-  else:
-    tok = Tokenizer.from_file(spec, family=family)
+        tokenizer_lib.copy_tokenizer(tok, workdir)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.tokenizer={spec!r}: {e}") from None
   if tok.vocab_size > model.vocab_size:
     raise ConfigError(f"tokenizer {spec!r} has {tok.vocab_size} pieces but model "
                       f"{model.name!r} has vocab_size {model.vocab_size}.")
@@ -410,6 +438,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
            f"mesh {dict(setup.mesh.shape)} | {jax.device_count()} {jax.default_backend()} devices")
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    # The architecture itself, so run:<workdir> works whatever config.model said ('auto').
+    (workdir / "model_config.json").write_text(json.dumps(setup.model.to_dict(), indent=2))
 
   tx, schedule = make_optimizer(config, setup)
   t0 = time.time()
