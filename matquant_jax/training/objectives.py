@@ -313,8 +313,7 @@ class _Losses:
     if self.head is not None:
       return chunked_losses(self.head, p, out, targets, mask, chunk=self.chunk,
                             teacher_hidden=t_out, kind=self.kind,
-                            stop_teacher_grad=self.stop_teacher_grad, dist_flag=dist_flag,
-                            unroll=self.unroll)
+                            stop_teacher_grad=self.stop_teacher_grad, dist_flag=dist_flag)
     ce = cross_entropy(out, targets, mask)
     if t_out is None:
       return ce, jnp.zeros((), jnp.float32)
@@ -357,7 +356,8 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
     chunk: sequence tokens per loss chunk (with `head`).
     grad_shardings: optional shardings (a tree like params) for the gradients and the f32
       accumulator of the scan over widths, so they stay sharded like the params.
-    unroll: unroll the scans (widths, loss chunks) in HLO; same numbers, for cost analysis.
+    unroll: unroll the scan over widths in HLO; same numbers, for cost analysis (the loss
+      chunk loop stays a loop: unrolled, every chunk's logits would be live at once).
 
   Returns:
     (loss, grads, metrics): metrics has 'loss', 'ce_int{r}' for every width (the plain

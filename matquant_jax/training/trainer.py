@@ -619,19 +619,38 @@ def _unrolled_cost(config, setup: Setup) -> dict[str, float]:
   """XLA's cost of the step with every scan unrolled (aot.compile_report's cost_fn).
 
   XLA counts a loop body once. With scanned layers, the unrolled step is compiled for the model
-  cut to 1 and 2 layer groups and extrapolated linearly to the full depth (aot.cost_dict).
+  cut to 1 and 2 layer groups and extrapolated linearly to the full depth (aot.cost_dict); the
+  loss-chunk loop stays a loop and its other chunks are added from a compile at half the chunk.
   """
   from matquant_jax.training import aot
   unrolled = dataclasses.replace(setup, unroll_scans=True)
+
+  def cost(s):
+    return aot.cost_dict(compile_step(s, *make_optimizer(config, s))[1])
+
   if not setup.scan_layers:
-    return aot.cost_dict(compile_step(unrolled, *make_optimizer(config, unrolled))[1])
-  period = transformer_lib.layer_period(setup.model)
-  groups = setup.model.num_layers // period
-  costs = []
-  for g in (1, 2):
-    cut = dataclasses.replace(unrolled, model=setup.model.replace(num_layers=g * period))
-    costs.append(aot.cost_dict(compile_step(cut, *make_optimizer(config, cut))[1]))
-  return aot.extrapolate_depth(costs[0], costs[1], groups)
+    total = cost(unrolled)
+    first = unrolled
+  else:
+    period = transformer_lib.layer_period(setup.model)
+    groups = setup.model.num_layers // period
+    cuts = [dataclasses.replace(unrolled, model=setup.model.replace(num_layers=g * period))
+            for g in (1, 2)]
+    costs = [cost(c) for c in cuts]
+    total = aot.extrapolate_depth(costs[0], costs[1], groups)
+    first = cuts[0]
+  # The loss-chunk loop stays a loop (counted once): add the other chunks. A chunk's cost is
+  # linear in its length, so halving it measures half a chunk.
+  c = setup.loss_chunk_size and objectives_lib.chunk_length(setup.seq_len, setup.loss_chunk_size)
+  if c and setup.seq_len // c > 1 and c % 2 == 0:
+    full = costs[0] if setup.scan_layers else total
+    half = cost(dataclasses.replace(first, loss_chunk_size=c // 2))
+    total = {k: total[k] + (setup.seq_len // c - 1) * 2 * (full[k] - half[k])
+             for k in total if k in half}
+    if "optimal_seconds" in total and min(full.get("optimal_seconds", -1),
+                                          half.get("optimal_seconds", -1)) <= 0:
+      total.pop("optimal_seconds")
+  return total
 
 
 def _abstract_state(setup: Setup, tx, shardings: TrainState) -> TrainState:
