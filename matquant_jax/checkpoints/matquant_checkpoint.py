@@ -291,7 +291,8 @@ class MatQuantCheckpoint:
 
   def slice_bits(self, plan: PrecisionPlan, name: str) -> int:
     """The width kernel `name` is served at under `plan`."""
-    bits = plan.bits_for(_layer_of(name), self.config.num_layers, _kind(name))
+    bits = plan.bits_for(_layer_of(name), self.config.num_layers, _kind(name),
+                         name.split("/")[-2])
     return self.parent_bits if bits is None else bits
 
   def qtensors_for(self, plan: PrecisionPlan) -> dict[str, QTensor]:

@@ -29,6 +29,8 @@ import enum
 
 import jax.numpy as jnp
 
+from matquant_jax.quant.plan import KIND_KERNELS
+
 
 class AttentionPattern(enum.Enum):
   GLOBAL = "global"                # every layer attends to the whole causal context
@@ -55,8 +57,8 @@ QUANT_REDUCE_AXES = {
     "gating_einsum": (1,),       # [2, D, F]
     "linear": (0,),              # [F, D]
 }
-FFN_KERNELS = ("gating_einsum", "linear")
-ATTN_KERNELS = ("q_einsum", "kv_einsum", "attn_vec_einsum")
+FFN_KERNELS = KIND_KERNELS["ffn"]
+ATTN_KERNELS = KIND_KERNELS["attn"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,22 @@ class WeightQuant:
   extra_precision: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelQuants:
+  """Per-kernel fake-quantization of one module, for plans whose kernels differ in width.
+
+  `kernels` pairs each kernel name (config.FFN_KERNELS / ATTN_KERNELS) with its WeightQuant.
+  """
+  kernels: tuple[tuple[str, WeightQuant | None], ...]
+
+
+def quant_for(quant: "WeightQuant | KernelQuants | None", name: str) -> WeightQuant | None:
+  """The WeightQuant of kernel `name` under a module's quant setting."""
+  if isinstance(quant, KernelQuants):
+    return dict(quant.kernels).get(name)
+  return quant
+
+
 def _fan_in_init(in_axis, out_axis, batch_axis=()) -> Initializer:
   # Unit-variance activations at init for any einsum layout; the scale is irrelevant for
   # loaded checkpoints, it only keeps randomly initialised test models well conditioned.
@@ -243,13 +259,14 @@ class Attention(nn.Module):
   """
   config: TransformerConfig
   is_local: bool = False
-  quant: WeightQuant | None = None
+  quant: WeightQuant | KernelQuants | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def _einsum(self, name: str, shape, axes, init_fn) -> Einsum:
     return Einsum(shape=shape, axes=axes, reduce_axes=QUANT_REDUCE_AXES[name], init_fn=init_fn,
-                  quant=self.quant, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                  quant=quant_for(self.quant, name), dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -329,11 +346,11 @@ class FeedForward(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """[batch, seq, D] -> [batch, seq, D]."""
     d, f = self.config.embed_dim, self.config.hidden_dim
-    common = dict(quant=self.quant, dtype=self.dtype, param_dtype=self.param_dtype)
+    common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gate = Einsum(shape=(2, d, f), axes=(None, "embed", "mlp"),
                   reduce_axes=QUANT_REDUCE_AXES["gating_einsum"],
                   init_fn=_fan_in_init(1, 2, (0,)), name="gating_einsum",
-                  **common)("BTD,CDF->CBTF", x)
+                  quant=quant_for(self.quant, "gating_einsum"), **common)("BTD,CDF->CBTF", x)
     if self.config.activation == Activation.GELU_TANH:
       act = jax.nn.gelu(gate[0], approximate=True)
     elif self.config.activation == Activation.SILU:
@@ -342,7 +359,8 @@ class FeedForward(nn.Module):
       raise ValueError(f"unsupported activation {self.config.activation!r}.")
     hidden = act * gate[1]
     return Einsum(shape=(f, d), axes=("mlp", "embed"), reduce_axes=QUANT_REDUCE_AXES["linear"],
-                  init_fn=_fan_in_init(0, 1), name="linear", **common)("BTF,FD->BTD", hidden)
+                  init_fn=_fan_in_init(0, 1), name="linear", quant=quant_for(self.quant, "linear"),
+                  **common)("BTF,FD->BTD", hidden)
 
 
 class Embedder(nn.Module):

@@ -31,19 +31,23 @@ import numpy as np
 
 from matquant_jax.models import layers
 from matquant_jax.models.config import TransformerConfig
-from matquant_jax.quant.plan import PrecisionPlan
+from matquant_jax.quant.plan import KIND_KERNELS, PrecisionPlan
 
 Dtype = Any
 Cache = dict[str, layers.LayerCache]
 
 
 def _layer_quant(plan: PrecisionPlan, layer: int, num_layers: int,
-                 kind: str) -> layers.WeightQuant | None:
-  bits = plan.bits_for(layer, num_layers, kind)
-  if bits is None:
-    return None
-  return layers.WeightQuant(bits=bits, parent_bits=plan.parent_bits,
-                            extra_precision=plan.extra_precision)
+                 kind: str) -> layers.WeightQuant | layers.KernelQuants | None:
+  def quant(bits):
+    return None if bits is None else layers.WeightQuant(
+        bits=bits, parent_bits=plan.parent_bits, extra_precision=plan.extra_precision)
+
+  per_kernel = {name: quant(plan.bits_for(layer, num_layers, kind, name))
+                for name in KIND_KERNELS[kind]}
+  if len(set(per_kernel.values())) == 1:
+    return next(iter(per_kernel.values()))
+  return layers.KernelQuants(tuple(per_kernel.items()))
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:

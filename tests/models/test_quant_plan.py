@@ -31,10 +31,10 @@ def _quantize_tree(params, plan: PrecisionPlan, num_layers: int):
   out = jax.tree_util.tree_map(lambda x: x, params)
   for i in range(num_layers):
     for kind, group, names in (("ffn", "mlp", FFN_KERNELS), ("attn", "attn", ATTN_KERNELS)):
-      bits = plan.bits_for(i, num_layers, kind)
-      if bits is None:
+      if not plan.quantizes(kind):
         continue
       for name in names:
+        bits = plan.bits_for(i, num_layers, kind, name)
         w = out[f"layer_{i}"][group][name]["w"]
         out[f"layer_{i}"][group][name]["w"] = fake_quant(
             w, bits, plan.parent_bits, QUANT_REDUCE_AXES[name],
@@ -88,7 +88,8 @@ def test_ffn_plan_leaves_attention_alone(tiny_models):
   assert np.abs(full - quant).max() > 1e-3
 
 
-@pytest.mark.parametrize("plan", ["ffn:int4", "ffn+attn:[2,4,8,3]:ep", "attn:int3:parent=4"])
+@pytest.mark.parametrize("plan", ["ffn:int4", "ffn+attn:[2,4,8,3]:ep", "attn:int3:parent=4",
+                                  "ffn:[2/8,4,8/3,6]", "ffn+attn:[2/4/8/3/6,8,4,3/3/3/3/2]:ep"])
 def test_plan_equals_quantizing_the_tree(tiny_models, plan):
   """Serving at a plan == running the bf16 model on weights fake-quantized by hand."""
   config = get_config(NAME)

@@ -205,7 +205,7 @@ def test_quantizes_and_bits_for(plan, ffn, attn):
 
 
 def test_bits_for_follows_layer_bits():
-  p = PrecisionPlan.mix_n_match("pyramid", budget=3.0, scope="ffn+attn")
+  p = PrecisionPlan.mix_n_match("pyramid", budget=3.0, scope="ffn+attn", rule="min_spread")
   expected = L8_BUDGET_3["pyramid"]
   for kind in ("ffn", "attn"):
     assert tuple(p.bits_for(i, 8, kind) for i in range(8)) == expected
@@ -248,7 +248,7 @@ def test_bf16_layer_bits_raises():
 @pytest.mark.parametrize("strategy", MIX)
 @pytest.mark.parametrize("budget, table", [(3.0, L8_BUDGET_3), (5.0, L8_BUDGET_5)])
 def test_mix_n_match_budget_l8(strategy, budget, table):
-  p = PrecisionPlan.mix_n_match(strategy, budget=budget)
+  p = PrecisionPlan.mix_n_match(strategy, budget=budget, rule="min_spread")
   assert p.layer_bits(8) == table[strategy]
 
 
@@ -264,7 +264,7 @@ def test_mix_n_match_counts_l8(strategy, counts, table):
 def test_pyramid_l26_by_hand():
   # budget 3.0 at L = 26 -> (13, 13, 0); 13 int2 layers take the 7 outermost on the left
   # (0..6) and 6 on the right (20..25), ties going to the lower index.
-  p = PrecisionPlan.mix_n_match("pyramid", budget=3.0)
+  p = PrecisionPlan.mix_n_match("pyramid", budget=3.0, rule="min_spread")
   assert p.counts_for(26) == (13, 13, 0)
   assert p.layer_bits(26) == (2,) * 7 + (4,) * 13 + (2,) * 6
   q = PrecisionPlan.mix_n_match("pyramid", counts=(4, 18, 4))
@@ -337,14 +337,15 @@ def _brute_force(budget, num_layers):
     (7.0, 3, (0, 1, 2)),
 ])
 def test_budget_counts(budget, num_layers, expected):
-  assert plan_lib.budget_counts(budget, num_layers) == expected
-  assert PrecisionPlan.mix_n_match("pyramid", budget=budget).counts_for(num_layers) == expected
+  assert plan_lib.budget_counts(budget, num_layers, rule="min_spread") == expected
+  assert PrecisionPlan.mix_n_match("pyramid", budget=budget,
+                                   rule="min_spread").counts_for(num_layers) == expected
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3, 5, 8, 13, 26])
 def test_budget_counts_matches_brute_force(num_layers):
   for budget in [2.0 + 0.05 * k for k in range(121)]:
-    got = plan_lib.budget_counts(budget, num_layers)
+    got = plan_lib.budget_counts(budget, num_layers, rule="min_spread")
     assert got == _brute_force(budget, num_layers), (budget, num_layers)
     assert sum(got) == num_layers
 
@@ -544,3 +545,110 @@ def test_parse_errors_list_choices(text, choices):
 def test_parse_rejects_non_string():
   with pytest.raises(ValueError, match="str"):
     PrecisionPlan.parse(4)  # type: ignore[arg-type]
+
+
+# The three-tier rule (default) and tier widths.
+
+
+def _three_tier_brute_force(budget, num_layers, tiers=(2, 4, 8), mid_share=1 / 3):
+  lo, mid, hi = tiers
+  combos = [(a, b, num_layers - a - b) for a in range(num_layers + 1)
+            for b in range(num_layers - a + 1)]
+  ok = [c for c in combos if (lo * c[0] + mid * c[1] + hi * c[2]) <= (budget + 1e-9) * num_layers]
+  return max(ok, key=lambda c: (lo * c[0] + mid * c[1] + hi * c[2], min(c) > 0,
+                                -abs(c[1] - mid_share * num_layers), c[2]))
+
+
+@pytest.mark.parametrize("num_layers", [3, 5, 8, 26, 42])
+@pytest.mark.parametrize("tiers", [(2, 4, 8), (3, 4, 6), (1, 2, 8)])
+def test_three_tier_matches_brute_force(num_layers, tiers):
+  for k in range(41):
+    budget = tiers[0] + (tiers[2] - tiers[0]) * k / 40
+    got = plan_lib.budget_counts(budget, num_layers, tiers=tiers)
+    assert got == _three_tier_brute_force(budget, num_layers, tiers), (budget, num_layers)
+
+
+@pytest.mark.parametrize("budget", [3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0])
+@pytest.mark.parametrize("strategy", MIX)
+def test_three_tier_shapes_on_26_layers(strategy, budget):
+  """Every budget that can mix all three widths does, with the paper's shape, within budget."""
+  p = PrecisionPlan.mix_n_match(strategy, budget=budget)
+  bits = p.layer_bits(26)
+  assert set(bits) == {2, 4, 8}, bits
+  assert p.effective_bits(26) <= budget + 1e-9
+  assert p.effective_bits(26) > budget - 6 / 26  # no layer could be raised within budget
+  order = sorted(range(26), key=lambda i: (min(i, 25 - i), i))
+  ranked = [bits[i] for i in order]
+  if strategy == "pyramid":
+    # int2 at the ends, int8 in the middle, int4 in between: rising towards the middle.
+    assert bits[0] == 2 and 8 in (bits[12], bits[13])
+    assert ranked == sorted(ranked)
+  elif strategy == "reverse_pyramid":
+    assert bits[0] == 8 and 2 in (bits[12], bits[13])
+    assert ranked == sorted(ranked, reverse=True)
+  elif strategy == "increasing":
+    assert list(bits) == sorted(bits)
+  else:
+    assert list(bits) == sorted(bits, reverse=True)
+
+
+def test_pyramid_at_3_bits_on_26_layers_is_three_tier():
+  # The issue's case: the old rule gave 13 x int2 + 13 x int4 and no int8.
+  p = PrecisionPlan.parse("ffn:pyramid@3.0")
+  assert p.counts_for(26) == (15, 10, 1)
+  assert p.layer_bits(26) == (2,) * 8 + (4,) * 5 + (8,) + (4,) * 5 + (2,) * 7
+  assert PrecisionPlan.parse("ffn:pyramid@3.0:rule=min_spread").counts_for(26) == (13, 13, 0)
+
+
+def test_mid_share_moves_the_split():
+  shares = [PrecisionPlan.mix_n_match("pyramid", budget=4.5, mid_share=m).counts_for(26)[1]
+            for m in (0.0, 0.2, 1 / 3, 0.6, 1.0)]
+  assert shares == sorted(shares) and shares[0] < shares[-1]
+
+
+@pytest.mark.parametrize("text", [
+    "ffn:pyramid@4.0:tiers=3/4/6", "ffn:increasing@3.5:mid=0.5", "ffn:decreasing@3.0:rule=min_spread",
+    "ffn:pyramid(2,3,3):tiers=1/3/6", "ffn+attn:reverse_pyramid@5.0:ep:tiers=2/3/8:mid=0.25",
+    "ffn:[4,2/4,8,3/6]", "ffn+attn:[8,2/3/4/6/8]:ep"])
+def test_new_options_round_trip(text):
+  p = PrecisionPlan.parse(text)
+  assert str(p) == text
+  assert PrecisionPlan.parse(str(p)) == p
+
+
+def test_tiers_widths_are_used():
+  p = PrecisionPlan.parse("ffn:pyramid@4.0:tiers=3/4/6")
+  assert set(p.layer_bits(9)) <= {3, 4, 6}
+  assert p.effective_bits(9) <= 4.0 + 1e-9
+
+
+@pytest.mark.parametrize("text, match", [
+    ("ffn:pyramid@3.0:tiers=4/2/8", "strictly increasing"),
+    ("ffn:pyramid@3.0:tiers=2/4", "three widths"),
+    ("ffn:pyramid@3.0:tiers=2/4/9", "9"),
+    ("ffn:pyramid@2.5:tiers=3/4/6", "2.5"),
+    ("ffn:pyramid@3.0:mid=1.5", "mid_share=1.5"),
+    ("ffn:pyramid@3.0:rule=spread", "'spread'"),
+    ("ffn:pyramid(1,1,1):rule=min_spread", "counts"),
+    ("ffn:int4:tiers=2/4/8", "Mix'n'Match"),
+    ("ffn:[4,2/4/8]", "2 kernels"),
+    ("ffn:[4,2/x]", "not a bit-width"),
+    ("ffn:[4,2/9]", "9"),
+])
+def test_new_options_refused(text, match):
+  with pytest.raises(ValueError, match=match):
+    PrecisionPlan.parse(text)
+
+
+def test_per_kernel_bits_for():
+  p = PrecisionPlan.parse("ffn+attn:[8,2/3/4/6/8]")
+  assert p.bits_for(0, 2, "ffn") == 8
+  assert p.bits_for(1, 2, "ffn", "gating_einsum") == 2
+  assert p.bits_for(1, 2, "ffn", "linear") == 3
+  assert p.bits_for(1, 2, "attn", "attn_vec_einsum") == 8
+  with pytest.raises(ValueError, match="different widths"):
+    p.bits_for(1, 2, "ffn")
+  with pytest.raises(ValueError, match="unknown ffn kernel"):
+    p.bits_for(1, 2, "ffn", "q_einsum")
+  # All-equal per-kernel entries collapse to one width.
+  assert PrecisionPlan.parse("ffn:[4/4,2]") == PrecisionPlan.parse("ffn:[4,2]")

@@ -11,7 +11,8 @@ from matquant_jax.checkpoints import matquant_checkpoint as mqc
 from matquant_jax.serving import loader
 from matquant_jax.serving.weights import PackedWeight
 
-_PLANS = ["ffn:int4", "ffn:int2:ep", "ffn+attn:int3", "ffn:pyramid@3.0", "attn:int1:ep", "bf16"]
+_PLANS = ["ffn:int4", "ffn:int2:ep", "ffn+attn:int3", "ffn:pyramid@3.0", "attn:int1:ep", "bf16",
+          "ffn:[2/8,4,8/3,6/2]"]
 
 
 def _assert_same_params(params, ref, dtype=jnp.float32):
