@@ -11,7 +11,9 @@ score) it:
      LWC + LET, weights frozen), all starting from the pretrained model;
   3. exports each as an int8-format checkpoint and evaluates: every baseline at its own width,
      the int8 baseline sliced to 6/4/3/2 ("Sliced int8"), MatQuant sliced to 8/6/4/3/2 (6 and 3
-     were never trained: "interpolation"), and the four Mix'n'Match strategies of MatQuant;
+     were never trained: "interpolation"), the four Mix'n'Match strategies of MatQuant, and the
+     plans `python -m matquant_jax.mixnmatch` searches for the same budgets on training-split
+     text ("Mix'n'Match search", also written to results/demo/mixnmatch_search.json);
   4. prints the table, writes results/demo/table.{json,md,csv} and the plots
      results/demo/code_histograms.png and results/demo/quality_vs_bits.png.
 
@@ -38,6 +40,7 @@ DEMO_MODEL = "demo_gemma2"
 BASELINE_BITS = (8, 6, 4, 3, 2)
 MATQUANT_SLICES = (8, 6, 4, 3, 2)
 MIX_BUDGETS = (3.0, 5.0)
+SEARCH_BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)  # the searched front; MIX_BUDGETS in the table
 STRATEGIES = ("pyramid", "reverse_pyramid", "increasing", "decreasing")
 
 
@@ -114,7 +117,7 @@ def _stage_done(wd: pathlib.Path, method: str) -> bool:
 def run(args) -> dict:
   from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
   from matquant_jax.data.tokenizer import Tokenizer
-  from matquant_jax.evaluation import plots, report, sweep
+  from matquant_jax.evaluation import plots, report, search, sweep
   from matquant_jax.models import get_config
   from matquant_jax.quant import stats
   from matquant_jax.quant.plan import PrecisionPlan
@@ -210,6 +213,17 @@ def run(args) -> dict:
   records += sweep.evaluate_checkpoint(
       mq, mix_plans, tok, method="mix_n_match", options=options,
       label_fn=lambda p: f"{p.strategy.value}@{p.budget:g} {list(p.layer_bits(config.num_layers))}")
+  # Searched on the training split's text; scored, like every row, on the held-out chapters.
+  found, _ = search.run(mq, tok, SEARCH_BUDGETS, search.SearchOptions(
+      source="kjv", split="train", seq_len=args.seq_len, tokens=args.search_tokens))
+  searched = sweep.evaluate_checkpoint(
+      mq, [r.plan for r in found], tok, method="mix_n_match_search", options=options)
+  for r, rec in zip(found, searched):
+    rec["label"] = f"search@{r.budget:g} {list(r.plan.layer_bits(config.num_layers))}"
+  records += [rec for r, rec in zip(found, searched) if r.budget in MIX_BUDGETS]
+  (out / "mixnmatch_search.json").write_text(json.dumps(
+      [r.to_json() | {"held_out_log_pplx": rec["log_pplx"]} for r, rec in zip(found, searched)],
+      indent=2))
 
   _banner("4/4 tables and plots")
   paths = report.write_tables(records, out, name="table",
@@ -226,6 +240,7 @@ def run(args) -> dict:
     if rec["method"] == "bf16":
       continue
     method = {"matquant": "MatQuant", "mix_n_match": "Mix'n'Match", "baseline": "Baseline",
+              "mix_n_match_search": "Mix'n'Match search",
               "sliced_int8": "Sliced int8",
               "omniquant_matquant": "OmniQuant MatQuant"}[rec["method"]]
     if rec["method"] == "matquant" and rec["bits"] in (6, 3):
@@ -235,8 +250,18 @@ def run(args) -> dict:
                    "effective_bits": rec["effective_bits"], "value": rec["log_pplx"]})
   plots.plot_quality_vs_bits(points, out / "quality_vs_bits.png", metric="log_pplx",
                              title="log pplx vs effective bits per FFN parameter (Fig. 2)")
+  # One checkpoint's models only: MatQuant's slices, the fixed layouts and the searched front.
+  front = [p for p in points if p["method"] in ("MatQuant", "MatQuant-Interp.", "Mix'n'Match",
+                                                "Mix'n'Match search")]
+  front = [p for p in front if p["method"] != "Mix'n'Match search"] + [
+      {"method": "Mix'n'Match search", "label": rec["label"].split(" ")[0],
+       "effective_bits": rec["effective_bits"], "value": rec["log_pplx"]} for rec in searched]
+  plots.plot_quality_vs_bits(front, out / "mixnmatch_front.png", metric="log_pplx",
+                             title="One MatQuant checkpoint: slices, fixed Mix'n'Match layouts "
+                                   "and searched plans")
   summary = {"table": str(paths["json"]), "plots": [str(out / "code_histograms.png"),
-                                                    str(out / "quality_vs_bits.png")],
+                                                    str(out / "quality_vs_bits.png"),
+                                                    str(out / "mixnmatch_front.png")],
              "seconds": round(time.time() - t_start, 1)}
   (out / "demo_settings.json").write_text(json.dumps(vars(args), indent=2))
   print(json.dumps(summary), flush=True)
@@ -262,6 +287,8 @@ def main(argv=None) -> int:
   ap.add_argument("--jobs", type=int, default=2, help="QAT runs trained at the same time")
   ap.add_argument("--omniquant_steps", type=int, default=100,
                   help="OmniQuant calibration steps per block")
+  ap.add_argument("--search_tokens", type=int, default=8192,
+                  help="calibration tokens (training split) of the Mix'n'Match search")
   ap.add_argument("--fresh", action="store_true", help="discard earlier demo runs in --workdir")
   args = ap.parse_args(argv)
   run(args)

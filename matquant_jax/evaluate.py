@@ -7,13 +7,19 @@
         --checkpoint=baseline=runs/qat_baseline_int4/matquant_int8 \
         --checkpoint=single_precision=runs/qat_sp/matquant_int8 \
         --checkpoint=extra_precision=runs/qat_ep/matquant_int8 \
-        --bf16=hf:/ckpts/gemma-2-9b --mix=pyramid@3.0,pyramid@5.0
+        --bf16=hf:/ckpts/gemma-2-9b --mix=pyramid@3.0,pyramid@5.0,search@3.0
 
 Per checkpoint kind:
   matquant / single_precision   sliced to every --bits width (and the --mix plans for matquant)
-  extra_precision               sliced to every --bits width with unclamped slices (":ep")
+  extra_precision               sliced to every --bits width with unclamped slices (":ep"), and
+                                the --mix plans with ":ep" (Extra Precision Mix'n'Match, Fig. 3)
   baseline                      evaluated at its own width (from its metadata); an int8
                                 baseline is also sliced to the other --bits ("Sliced int8" rows)
+
+--mix takes strategy@BUDGET (a fixed layout), a whole plan string such as 'ffn:[3,4,4,2]' (e.g.
+one printed by `python -m matquant_jax.mixnmatch`), or search@BUDGET: search a plan for the
+budget on --search_source[--search_split] (matquant_jax/evaluation/search.py), then evaluate it
+on the held-out --ppl_source ("Mix'n'Match search" rows). Overlapping texts are refused.
 Writes <out>/table.{md,csv,json} and <out>/quality_vs_bits.png; every checkpoint and plan is
 validated before the first evaluation.
 """
@@ -21,10 +27,12 @@ validated before the first evaluation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
 KINDS = ("matquant", "single_precision", "extra_precision", "baseline")
+MIX_KINDS = ("matquant", "extra_precision")  # --mix plans are evaluated on these
 DEFAULT_TASKS = "arc_challenge,arc_easy,boolq,hellaswag,piqa,winogrande"
 
 
@@ -38,9 +46,40 @@ def _plans_for(kind, ckpt, bits, mix):
     return own
   ep = ":ep" if kind == "extra_precision" else ""
   plans = [(f"{scope}:int{r}{ep}", kind) for r in bits]
-  if kind == "matquant":
-    plans += [(f"{scope}:{m}", "mix_n_match") for m in mix]
+  if kind in MIX_KINDS:
+    for m in mix:
+      if m.startswith("search@"):
+        continue
+      plan = m if ":" in m else f"{scope}:{m}"
+      if ep and "ep" not in [o.strip().lower() for o in plan.split(":")[2:]]:
+        plan += ep  # Extra Precision Mix'n'Match (Fig. 3): unclamped slices in every layer
+      plans.append((plan, "mix_n_match"))
   return plans
+
+
+def _search_budgets(mix) -> list[float]:
+  out = []
+  for m in mix:
+    if m.startswith("search@"):
+      try:
+        out.append(float(m[len("search@"):]))
+      except ValueError:
+        raise ValueError(f"--mix {m!r}: expected search@BUDGET, e.g. search@3.0") from None
+  return out
+
+
+def _split_mix(text: str) -> list[str]:
+  """Splits --mix at commas outside brackets, so 'ffn:[3,4,4,2]' stays one entry."""
+  out, depth, cur = [], 0, ""
+  for ch in text:
+    depth += ch == "["
+    depth -= ch == "]"
+    if ch == "," and depth == 0:
+      out.append(cur)
+      cur = ""
+    else:
+      cur += ch
+  return out + [cur]
 
 
 def main(argv=None) -> int:
@@ -54,7 +93,15 @@ def main(argv=None) -> int:
                        "'auto' (default) finds the one next to the first checkpoint or --bf16")
   ap.add_argument("--out", required=True)
   ap.add_argument("--bits", default="8,6,4,3,2")
-  ap.add_argument("--mix", default="", help="Mix'n'Match specs, e.g. pyramid@3.0,decreasing@5.0")
+  ap.add_argument("--mix", default="", help="Mix'n'Match specs, e.g. pyramid@3.0,search@3.0 or "
+                  "a plan string (see the module docstring)")
+  ap.add_argument("--search_source", default="", help="calibration text of search@ plans; "
+                  "default: --ppl_source")
+  ap.add_argument("--search_split", default="train")
+  ap.add_argument("--search_tokens", type=int, default=8192)
+  ap.add_argument("--search_granularity", choices=("layer", "kernel"), default="layer")
+  ap.add_argument("--search_widths", default="2,3,4,6,8")
+  ap.add_argument("--search_max_evals", type=int, default=200)
   ap.add_argument("--tasks", default=DEFAULT_TASKS, help="comma list; '' for none")
   ap.add_argument("--ppl_source", default="tfds:c4/en")
   ap.add_argument("--ppl_seq_len", type=int, default=2048)
@@ -73,8 +120,23 @@ def main(argv=None) -> int:
   from matquant_jax.evaluation import plots, report, sweep
   from matquant_jax.quant.plan import PrecisionPlan
 
+  from matquant_jax.evaluation import search as search_lib
   bits = [int(b) for b in args.bits.split(",") if b]
-  mix = [m for m in args.mix.split(",") if m]
+  mix = [m.strip() for m in _split_mix(args.mix) if m.strip()]
+  try:
+    budgets = _search_budgets(mix)
+    search_options = search_lib.SearchOptions(
+        granularity=args.search_granularity,
+        widths=tuple(int(w) for w in args.search_widths.split(",") if w),
+        source=args.search_source or args.ppl_source, split=args.search_split,
+        seq_len=min(args.ppl_seq_len, 2048), batch_size=args.batch_size,
+        tokens=args.search_tokens, max_evals=args.search_max_evals,
+        tfds_data_dir=args.tfds_data_dir)
+    if budgets:
+      search_lib.check_disjoint((search_options.source, search_options.split),
+                                (args.ppl_source, "validation"))
+  except ValueError as e:
+    ap.error(str(e))
   entries = []
   for spec in args.checkpoint:
     kind, _, path = spec.partition("=")
@@ -87,6 +149,15 @@ def main(argv=None) -> int:
         ckpt.check_plan(PrecisionPlan.parse(p))
       except ValueError as e:
         ap.error(f"--checkpoint {spec!r}: {e}")
+    if kind in MIX_KINDS and budgets:
+      try:
+        widths = search_lib.check_widths(search_options.widths, ckpt.parent_bits)
+      except ValueError as e:
+        ap.error(f"--search_widths: {e}")
+      for b in budgets:
+        if b < widths[0]:
+          ap.error(f"--mix search@{b:g}: the budget is below the narrowest search width "
+                   f"int{widths[0]}.")
     entries.append((kind, ckpt, plans))
   if not entries and not args.bf16:
     ap.error("nothing to evaluate: pass --checkpoint KIND=PATH and/or --bf16.")
@@ -123,8 +194,15 @@ def main(argv=None) -> int:
     del params
   for kind, ckpt, plans in entries:
     for method in dict.fromkeys(m for _, m in plans):
-      records += sweep.evaluate_checkpoint(ckpt, [p for p, m in plans if m == method], tok,
-                                           method=method, options=options)
+      records += sweep.evaluate_checkpoint(
+          ckpt, [p for p, m in plans if m == method], tok, method=method, options=options,
+          label_fn=(lambda p: f"Mix'n'Match {p}") if method == "mix_n_match" else None)
+    if kind in MIX_KINDS and budgets:
+      found, _ = search_lib.run(ckpt, tok, budgets, dataclasses.replace(
+          search_options, extra_precision=kind == "extra_precision"))
+      records += sweep.evaluate_checkpoint(
+          ckpt, [r.plan for r in found], tok, method="mix_n_match_search", options=options,
+          label_fn=lambda p: f"Mix'n'Match search {p}")
   paths = report.write_tables(records, args.out)
   print(paths["md"].read_text())
   metric = "task_avg" if options.tasks else "log_pplx"

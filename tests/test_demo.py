@@ -12,18 +12,24 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch):
   monkeypatch.setattr(demo, "BASELINE_BITS", (8, 2))
   monkeypatch.setattr(demo, "MATQUANT_SLICES", (8, 4, 2))
   monkeypatch.setattr(demo, "MIX_BUDGETS", (3.0,))
+  monkeypatch.setattr(demo, "SEARCH_BUDGETS", (3.0, 4.0))
   args = ["--workdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
           "--pretrain_steps", "3", "--qat_steps", "2", "--seq_len", "32", "--batch", "8",
           "--eval_tokens", "1000", "--task_examples", "8", "--jobs", "1",
-          "--omniquant_steps", "2"]
+          "--omniquant_steps", "2", "--search_tokens", "256"]
   assert demo.main(args) == 0
   table = json.loads((tmp_path / "out" / "table.json").read_text())
   methods = {(r["method"], r["bits"]) for r in table}
   assert {("bf16", 16), ("baseline", 8), ("baseline", 2), ("sliced_int8", 4), ("sliced_int8", 2),
           ("matquant", 8), ("matquant", 4), ("matquant", 2)} <= methods
   assert sum(r["method"] == "mix_n_match" for r in table) == 4
+  # The searched plan at the table's budget: a row, within budget; the sweep in its own JSON.
+  (found,) = [r for r in table if r["method"] == "mix_n_match_search"]
+  assert found["effective_bits"] <= 3.0 + 1e-9 and found["label"].startswith("search@3 ")
+  swept = json.loads((tmp_path / "out" / "mixnmatch_search.json").read_text())
+  assert [r["budget"] for r in swept] == [3.0, 4.0] and all("held_out_log_pplx" in r for r in swept)
   assert {r["bits"] for r in table if r["method"] == "omniquant_matquant"} == {8, 4, 2}
   for r in table:
     assert {"method", "bits", "effective_bits", "log_pplx", "tasks"} <= set(r)
-  for png in ("code_histograms.png", "quality_vs_bits.png"):
+  for png in ("code_histograms.png", "quality_vs_bits.png", "mixnmatch_front.png"):
     assert (tmp_path / "out" / png).stat().st_size > 10_000

@@ -305,9 +305,15 @@ class MatQuantCheckpoint:
     """The model's param tree with every quantized kernel dequantized at the plan's width."""
     self.check_plan(plan)
     flat = {n: v.astype(dtype) for n, v in self.floats.items()}
-    for name, qt in self.qtensors.items():
-      flat[name] = _dequantize(qt, self.slice_bits(plan, name), plan.extra_precision, dtype)
+    for name in self.qtensors:
+      flat[name] = self.kernel_at(name, self.slice_bits(plan, name),
+                                  extra_precision=plan.extra_precision, dtype=dtype)
     return _common.unflatten_tree(flat)
+
+  def kernel_at(self, name: str, bits: int, *, extra_precision: bool = False,
+                dtype: Any = jnp.bfloat16) -> jax.Array:
+    """Kernel `name` (a '/'-joined param path) dequantized at slice width `bits`."""
+    return _dequantize(self.qtensors[name], bits, extra_precision, dtype)
 
   def effective_bits(self, plan: PrecisionPlan) -> float:
     """Average bits per quantized parameter under `plan`, extra-bucket bits included."""

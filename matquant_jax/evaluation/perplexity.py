@@ -304,17 +304,10 @@ def log_perplexity(
 
   fn = _nll_program(model_forward(config, as_plan(plan), dtype))
   params = place_params(params)
-  pad_id = int(getattr(tokenizer, "pad_id", 0))
-  read = [0]
-  stream = _token_stream(docs, count, tokenizer, add_bos, add_eos, read)
-  packer = lm_packing.Packer(seq_len, pad_id=pad_id, max_tokens=max_tokens)
-  rows = iter(lambda: packer.next_row(lambda: next(stream, None)), None)
-
-  sums, num_rows = [], 0
-  while chunk := list(itertools.islice(rows, batch_size)):
-    num_rows += len(chunk)
-    batch = {k: np.stack([r[k] for r in chunk]) for k in lm_packing.FEATURES}
-    batch = lm_packing.pad_batch(batch, batch_size, pad_id)
+  read, rows = [0], [0]
+  sums = []
+  for batch in _packed_batches(docs, count, tokenizer, seq_len, batch_size, max_tokens,
+                               add_bos, add_eos, read, rows):
     _check_ids(batch["inputs"], config.vocab_size)
     placed = put_batch(batch)
     # Device scalars: reading them back only at the end lets tokenization overlap compute.
@@ -326,4 +319,33 @@ def log_perplexity(
     raise ValueError(f"log_perplexity: no predicted tokens in {name} (documents of one token, "
                      f"or max_tokens={max_tokens} too small).")
   return {"log_pplx": float(nll / tokens), "tokens": int(round(tokens)), "documents": read[0],
-          "rows": num_rows, "seq_len": seq_len, "source": name}
+          "rows": rows[0], "seq_len": seq_len, "source": name}
+
+
+def _packed_batches(docs, count, tokenizer, seq_len, batch_size, max_tokens, add_bos, add_eos,
+                    read: list[int], rows: list[int]) -> Iterator[dict[str, np.ndarray]]:
+  """[batch_size, seq_len] packed batches of the first `count` documents (the last padded)."""
+  pad_id = int(getattr(tokenizer, "pad_id", 0))
+  stream = _token_stream(docs, count, tokenizer, add_bos, add_eos, read)
+  packer = lm_packing.Packer(seq_len, pad_id=pad_id, max_tokens=max_tokens)
+  row_iter = iter(lambda: packer.next_row(lambda: next(stream, None)), None)
+  while chunk := list(itertools.islice(row_iter, batch_size)):
+    rows[0] += len(chunk)
+    batch = {k: np.stack([r[k] for r in chunk]) for k in lm_packing.FEATURES}
+    yield lm_packing.pad_batch(batch, batch_size, pad_id)
+
+
+def packed_sample(tokenizer, source: str | Sequence[str], *, split: str, seq_len: int,
+                  batch_size: int, max_tokens: int, vocab_size: int,
+                  tfds_data_dir: str | None = None, tfds_text_key: str = "text",
+                  text_doc_separator: str = "blank_line") -> tuple[list[dict], str]:
+  """The first `max_tokens` tokens of a source as packed batches, with the sample's name
+  (e.g. 'kjv[train]'): the same packing, BOS/EOS and order as `log_perplexity`."""
+  docs, name = _documents(source, split, tfds_data_dir, tfds_text_key, text_doc_separator)
+  batches = list(_packed_batches(docs, len(docs), tokenizer, seq_len, batch_size, max_tokens,
+                                 True, True, [0], [0]))
+  if not batches:
+    raise ValueError(f"source {name} has no documents.")
+  for b in batches:
+    _check_ids(b["inputs"], vocab_size)
+  return batches, name

@@ -27,6 +27,7 @@ PathLike = str | os.PathLike
 METHOD_STYLES: dict[str, dict[str, str]] = {
     "MatQuant": {"color": "tab:blue", "marker": "o"},
     "Mix'n'Match": {"color": "tab:green", "marker": "s"},
+    "Mix'n'Match search": {"color": "darkgreen", "marker": "*"},
     "Baseline": {"color": "tab:orange", "marker": "^"},
     "Sliced int8": {"color": "tab:red", "marker": "v"},
     "MatQuant-Interp.": {"color": "tab:purple", "marker": "D"},
@@ -38,6 +39,7 @@ _EXTRA_STYLES = [("tab:pink", "X"), ("tab:gray", "h"), ("tab:olive", "<"), ("tab
 METRIC_LABELS = {
     "log_pplx": ("log perplexity (lower is better)", True),
     "task_avg": ("task average accuracy (higher is better)", False),
+    "kl": ("KL to the int8 model on calibration text, nats (lower is better)", True),
 }
 X_LABEL = "effective bits per FFN parameter"
 

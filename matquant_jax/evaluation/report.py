@@ -21,21 +21,24 @@ import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
 METHOD_ORDER = ("bf16", "sliced_int8", "baseline", "omniquant_baseline", "matquant",
-                "omniquant_matquant", "single_precision", "extra_precision", "mix_n_match")
+                "omniquant_matquant", "single_precision", "extra_precision", "mix_n_match",
+                "mix_n_match_search")
 METHOD_LABELS = {
     "bf16": "bf16", "sliced_int8": "Sliced int8", "baseline": "Baseline",
     "omniquant_baseline": "OmniQuant Baseline", "matquant": "MatQuant",
     "omniquant_matquant": "OmniQuant MatQuant", "single_precision": "Single Precision",
     "extra_precision": "Extra Precision", "mix_n_match": "Mix'n'Match",
+    "mix_n_match_search": "Mix'n'Match search",
 }
 DTYPE_ORDER = (16, 8, 4, 2, 6, 3)
+MIX_METHODS = ("mix_n_match", "mix_n_match_search")  # rows labelled by effective bits
 TASK_LABELS = {"arc_challenge": "ARC-c", "arc_easy": "ARC-e", "boolq": "BoolQ",
                "hellaswag": "HellaS", "piqa": "PIQA", "winogrande": "Wino",
                "kjv_next_verse": "KJV-NV", "kjv_verse_completion": "KJV-VC"}
 
 
 def _dtype_key(rec: Mapping[str, Any]) -> tuple:
-  if rec["method"] == "mix_n_match":
+  if rec["method"] in MIX_METHODS:
     return (len(DTYPE_ORDER) + 1, rec.get("effective_bits") or 0, rec.get("plan", ""))
   bits = rec.get("bits") or 16
   rank = DTYPE_ORDER.index(bits) if bits in DTYPE_ORDER else len(DTYPE_ORDER)
@@ -52,7 +55,7 @@ def sort_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]
 
 
 def dtype_label(rec: Mapping[str, Any]) -> str:
-  if rec["method"] == "mix_n_match":
+  if rec["method"] in MIX_METHODS:
     return f"{rec.get('effective_bits', 0):.2f}b"
   bits = rec.get("bits")
   if not bits or bits >= 16:

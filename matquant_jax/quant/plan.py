@@ -28,7 +28,8 @@ by one of two rules (`rule`):
       prefer those with all three tiers present (the paper's shape, where the budget allows
       it), then the middle tier closest to `mid_share`·L (the documented split between
       tiers, default 1/3: equal thirds at the budget where they fit), then the most high-tier
-      layers. For L = 26 at B = 3.0 this gives (15, 10, 1); at B = 4.5, (10, 8, 8).
+      layers. When no count with that mean has all three tiers (shallow models), the
+      min_spread preference below decides. For L = 26 at B = 3.0 this gives (15, 10, 1); at B = 4.5, (10, 8, 8).
   min_spread  the earlier two-tier rule: the same largest mean, then the most middle-tier
       layers (the smallest spread of precisions around the budget), then the most high-tier
       layers. It rarely mixes all three widths: B = 3.0 on 26 layers gives (13, 13, 0), and
@@ -222,7 +223,8 @@ def _budget_counts(budget: float, num_layers: int, tiers: tuple[int, int, int] =
       if rule == "min_spread":
         key = (total, n_mid, n_hi)
       else:
-        key = (total, min(n_lo, n_mid, n_hi) > 0, -abs(n_mid - target_mid), n_hi)
+        three = min(n_lo, n_mid, n_hi) > 0
+        key = (total, three, -abs(n_mid - target_mid) if three else n_mid, n_hi)
       if best_key is None or key > best_key:
         best_key, best = key, (n_lo, n_mid, n_hi)
   if best is None:

@@ -96,5 +96,32 @@ def test_evaluate_cli(tiny_checkpoint, tmp_path):
       ("baseline", "ffn:int8"), ("sliced_int8", "ffn:int2")}
   assert (tmp_path / "table.md").exists() and (tmp_path / "quality_vs_bits.png").exists()
   with pytest.raises(SystemExit):
+    # The search would score itself on the text it searched on.
+    evaluate.main([f"--checkpoint=matquant={d / 'mq'}", f"--tokenizer={d / 'tok.model'}",
+                   f"--out={tmp_path}", "--mix=search@3.0", "--ppl_source=kjv",
+                   "--search_split=validation", "--tasks="])
+  with pytest.raises(SystemExit):
     evaluate.main([f"--checkpoint=qat={d / 'mq'}", f"--tokenizer={d / 'tok.model'}",
                    f"--out={tmp_path}"])
+
+
+def test_evaluate_cli_searched_and_saved_plans(tiny_checkpoint, tmp_path):
+  """search@ runs the budget search on the training split and evaluates it held out; a saved
+  plan string and an Extra Precision checkpoint's Mix'n'Match are evaluated as given."""
+  from matquant_jax import evaluate
+  d, _ = tiny_checkpoint
+  rc = evaluate.main([f"--checkpoint=matquant={d / 'mq'}",
+                      f"--checkpoint=extra_precision={d / 'mq'}",
+                      f"--tokenizer={d / 'tok.model'}", f"--out={tmp_path}", "--bits=2",
+                      "--mix=search@3.0,ffn:[3,4/2,2,8],pyramid@3.0", "--tasks=",
+                      "--ppl_source=kjv", "--ppl_seq_len=64", "--ppl_max_tokens=1000",
+                      "--search_tokens=256", "--search_max_evals=30", "--dtype=float32"])
+  assert rc == 0
+  recs = json.loads((tmp_path / "table.json").read_text())
+  plans = {(r["method"], r["plan"]) for r in recs}
+  assert ("mix_n_match", "ffn:[3,4/2,2,8]") in plans
+  assert ("mix_n_match", "ffn:pyramid@3.0:ep") in plans and ("mix_n_match", "ffn:[3,4/2,2,8]:ep") in plans
+  searched = [r for r in recs if r["method"] == "mix_n_match_search"]
+  assert len(searched) == 2 and {r["extra_precision"] for r in searched} == {False, True}
+  assert all(r["plan"].startswith("ffn:[") and r["label"].startswith("Mix'n'Match search")
+             for r in searched)

@@ -556,7 +556,8 @@ def _three_tier_brute_force(budget, num_layers, tiers=(2, 4, 8), mid_share=1 / 3
             for b in range(num_layers - a + 1)]
   ok = [c for c in combos if (lo * c[0] + mid * c[1] + hi * c[2]) <= (budget + 1e-9) * num_layers]
   return max(ok, key=lambda c: (lo * c[0] + mid * c[1] + hi * c[2], min(c) > 0,
-                                -abs(c[1] - mid_share * num_layers), c[2]))
+                                -abs(c[1] - mid_share * num_layers) if min(c) > 0 else c[1],
+                                c[2]))
 
 
 @pytest.mark.parametrize("num_layers", [3, 5, 8, 26, 42])
