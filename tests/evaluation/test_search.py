@@ -182,3 +182,15 @@ def test_cli_dry_run_counts_without_loading(tiny, capsys):
   with pytest.raises(SystemExit):
     mixnmatch.main([f"--checkpoint={ckpt.path}", "--budget=3.0", "--widths=2,9"])
   assert "1..8" in capsys.readouterr().err
+
+
+def test_byte_budget_counts_codes_and_statistics(tiny):
+  ckpt, tok, _ = tiny
+  four_bits = search.kernel_bytes(ckpt, {n: 4 for n in ckpt.qtensors})
+  options = search.SearchOptions(unit="bytes", seq_len=64, batch_size=4, tokens=256,
+                                 max_evals=25)
+  (r,), _ = search.run(ckpt, tok, [four_bits], options, log=lambda *_: None)
+  assert r.kernel_bytes <= four_bits
+  assert r.fixed_kl == {}  # the fixed layouts are defined by bits, not bytes
+  with pytest.raises(ValueError, match="narrowest width"):
+    search.run(ckpt, tok, [four_bits // 4], options, log=lambda *_: None)
