@@ -20,7 +20,6 @@ import os
 import pathlib
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -45,7 +44,6 @@ def _multi_process_env() -> bool:
 def main(argv) -> int:
   del argv
   import jax
-  from matquant_jax.calibration import config as config_lib
   from matquant_jax.calibration import pipeline
   config = _CONFIG.value
   if config is None:
@@ -59,11 +57,11 @@ def main(argv) -> int:
     return 2
   workdir = _WORKDIR.value or str(pathlib.Path("runs") / pathlib.Path(
       config_flags.get_config_filename(flags.FLAGS["config"])).stem)
+  from matquant_jax import cli
   try:
     summary = pipeline.run(config, workdir)
-  except config_lib.ConfigError as e:  # the one ConfigError of QAT and calibration
-    print(f"config error: {e}", file=sys.stderr)
-    return 2
+  except cli.user_errors() as e:  # ConfigError (QAT and calibration), checkpoint errors, ...
+    return cli.report(e, "calibrate")
   except FloatingPointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
@@ -75,4 +73,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  from matquant_jax import cli
+  cli.absl_run(main)

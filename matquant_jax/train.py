@@ -18,7 +18,6 @@ import os
 import pathlib
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -82,11 +81,11 @@ def main(argv) -> int:
   workdir = _WORKDIR.value or str(pathlib.Path("runs") /
                                   pathlib.Path(config_flags.get_config_filename(
                                       flags.FLAGS["config"])).stem)
+  from matquant_jax import cli
   try:
     summary = trainer.train(config, workdir)
-  except trainer.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    return 2
+  except cli.user_errors() as e:
+    return cli.report(e, "train")
   except FloatingPointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
@@ -97,4 +96,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  from matquant_jax import cli
+  cli.absl_run(main)

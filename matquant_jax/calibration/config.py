@@ -246,8 +246,21 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> CalibSetup:
     raise ConfigError("config.calibration: lwc=False and let='none' leave nothing to learn; "
                       "that is plain MinMax (export it with export_matquant_checkpoint).")
   for f in ("lr", "lwc_lr", "let_lr"):
-    if cal[f] is not None and cal[f] <= 0:
-      raise ConfigError(f"config.calibration.{f}={cal[f]} must be positive.")
+    if cal[f] is not None and not (math.isfinite(cal[f]) and cal[f] > 0):
+      raise ConfigError(f"config.calibration.{f}={cal[f]} must be a positive number.")
+  for f, ok, rule in (("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+                      ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+                      ("eps", lambda v: v > 0, "> 0"),
+                      ("weight_decay", lambda v: v >= 0, ">= 0"),
+                      ("lwc_init_logit", lambda v: True, "finite")):
+    if not (math.isfinite(float(cal[f])) and ok(float(cal[f]))):
+      raise ConfigError(f"config.calibration.{f}={cal[f]} must be {rule}.")
+  if cal.steps_per_block < 0:
+    raise ConfigError(f"config.calibration.steps_per_block={cal.steps_per_block} must be >= 0 "
+                      f"(0 = derive it from the token budget).")
+  if cal.num_microbatches <= 0:
+    raise ConfigError(f"config.calibration.num_microbatches={cal.num_microbatches} must be "
+                      f">= 1.")
   for f in ("host_dtype", "host_param_dtype"):
     if cal[f] not in HOST_DTYPES:
       raise ConfigError(f"config.calibration.{f}={cal[f]!r}; choose one of {HOST_DTYPES}.")

@@ -89,6 +89,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     return memory.aot_topology_report(config)
   workdir = pathlib.Path(workdir).absolute()
   setup = config_lib.resolve(config)
+  if not config.aot_only:
+    from matquant_jax.training.config import check_inputs
+    check_inputs(config, setup.model)
   workdir.mkdir(parents=True, exist_ok=True)
   total = setup.model.num_layers * setup.steps_per_block
   log = metrics_lib.MetricsLogger(workdir, total, prefix=config.run_name)

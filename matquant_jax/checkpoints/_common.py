@@ -28,7 +28,12 @@ _DTYPE_ALIASES = {
 _MAX_LISTED = 50
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+  """A checkpoint file or directory that cannot be read as what it claims to be (malformed,
+  truncated, corrupted, inconsistent metadata); the message names the file and the problem."""
+
+
+class CheckpointMismatchError(CheckpointError):
   """A checkpoint's tensors (names, shapes or dtypes) differ from what the config needs."""
 
 

@@ -23,6 +23,7 @@ dequantized slice equals the training forward at that width.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import shutil
@@ -33,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from matquant_jax.checkpoints import _common
+from matquant_jax.checkpoints._common import CheckpointError
 from matquant_jax.models.config import ATTN_KERNELS, FFN_KERNELS, QUANT_REDUCE_AXES
 from matquant_jax.models.config import TransformerConfig
+from matquant_jax.quant import minmax
 from matquant_jax.quant import validation
 from matquant_jax.quant.plan import PrecisionPlan, Scope
 from matquant_jax.quant.qtensor import QTensor
@@ -95,20 +98,23 @@ def export_matquant_checkpoint(
   # Multi-process runs: every process quantizes its shards and Orbax writes them together, but
   # only process 0 touches the directory itself (removal, metadata.json).
   primary = jax.process_index() == 0
+  qpaths = set(quantized_paths(config, scope))
+  flat = _common.flatten_tree(params)
+  for name, w in flat.items():  # refuse NaN/inf by name before anything is written or removed
+    minmax.check_finite(w, f"param {name!r}",
+                        QUANT_REDUCE_AXES[name.split("/")[-2]] if name in qpaths else None)
   if path.exists():
     if not overwrite:
       raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path.")
     if primary:
       shutil.rmtree(path)
   _sync_processes(f"matquant_jax export {path}: cleared")
-  qpaths = set(quantized_paths(config, scope))
   clipping = dict(clipping or {})
   unknown = sorted(set(clipping) - qpaths)
   if unknown:
     raise ValueError(f"clipping names kernels that scope {scope.value!r} does not quantize for "
                      f"model {config.name!r}: {unknown[:5]}; keys are quantized param paths "
                      f"such as 'layer_0/mlp/linear/w'.")
-  flat = _common.flatten_tree(params)
   quantized, floats = {}, {}
   for name, w in flat.items():
     if name in qpaths:
@@ -136,6 +142,9 @@ def export_matquant_checkpoint(
       "float_dtype": jnp.dtype(float_dtype).name,
       "quantized": {n: list(QUANT_REDUCE_AXES[n.split("/")[-2]]) for n in sorted(qpaths)},
       "metadata": dict(metadata or {}),
+      # Per-array digests of the bytes written, verified on load. A multi-process export
+      # cannot see every shard from one process and writes none (load then warns).
+      "checksums": (array_checksums(tree) if jax.process_count() == 1 else None),
   }
   if primary:
     (path / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -171,23 +180,91 @@ def _quantize(w, bits, axes, round_zero, gamma=None, beta=None) -> QTensor:
   return fn(jnp.asarray(w))
 
 
+CHECKSUM = "blake2b-128"
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _digest(x) -> str:
+  """blake2b-128 over an array's dtype, shape and bytes (C order), streamed from host memory."""
+  arr = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+  h = hashlib.blake2b(digest_size=16)
+  h.update(f"{arr.dtype.name}{list(arr.shape)}".encode())
+  h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+  return h.hexdigest()
+
+
+def array_checksums(tree: Mapping[str, Any]) -> dict[str, str]:
+  """{'quantized/<path>/codes': digest, ..., 'float/<path>': digest} of an arrays tree."""
+  return {k: _digest(v) for k, v in sorted(_common.flatten_tree(tree).items())}
+
+
+def _schema_error(path, field, value, rule) -> CheckpointError:
+  return CheckpointError(f"{path}/metadata.json: {field}={value!r} {rule}; the metadata is "
+                         f"corrupted or was not written by export_matquant_checkpoint.")
+
+
+def _validate_metadata(path: pathlib.Path, meta: Any) -> None:
+  """Types and ranges of every metadata field, checked before any array is read."""
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{path}/metadata.json holds a {type(meta).__name__}, not an object.")
+  for field, kind in (("model_config", dict), ("scope", str), ("parent_bits", int),
+                      ("round_zero", bool), ("float_dtype", str), ("quantized", dict)):
+    if field not in meta:
+      raise CheckpointError(f"{path}/metadata.json lacks {field!r}; re-export the checkpoint.")
+    value = meta[field]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+      raise _schema_error(path, field, value, f"is not a {kind.__name__}")
+  if not isinstance(meta.get("version"), int) or meta["version"] < 1:
+    raise _schema_error(path, "version", meta.get("version"), "is not a positive int")
+  if meta["scope"] not in {s.value for s in Scope if s is not Scope.NONE}:
+    raise _schema_error(path, "scope", meta["scope"], "is not one of ffn, attn, ffn+attn")
+  if not 1 <= meta["parent_bits"] <= validation.MAX_PARENT_BITS:
+    raise _schema_error(path, "parent_bits", meta["parent_bits"],
+                        f"is outside 1..{validation.MAX_PARENT_BITS} (codes are uint8)")
+  if meta["float_dtype"] not in FLOAT_DTYPES:
+    raise _schema_error(path, "float_dtype", meta["float_dtype"],
+                        f"is not one of {', '.join(FLOAT_DTYPES)}")
+  for name, axes in meta["quantized"].items():
+    if (not isinstance(axes, list) or
+        list(QUANT_REDUCE_AXES.get(str(name).split("/")[-2] if "/" in str(name) else "", ())
+             ) != axes):
+      raise _schema_error(path, f"quantized[{name!r}]", axes,
+                          "does not match the kernel's contracting axes")
+  checksums = meta.get("checksums")
+  if checksums is not None and (not isinstance(checksums, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in checksums.items())):
+    raise _schema_error(path, "checksums", type(checksums).__name__,
+                        "is not a mapping of array names to digests")
+  if not isinstance(meta.get("metadata", {}), dict):
+    raise _schema_error(path, "metadata", type(meta["metadata"]).__name__, "is not an object")
+  try:
+    TransformerConfig.from_dict(meta["model_config"])
+  except (TypeError, ValueError, KeyError) as e:
+    raise CheckpointError(f"{path}/metadata.json: model_config is invalid: {e}") from None
+
+
 def read_metadata(path: str | pathlib.Path) -> dict[str, Any]:
-  """The validated metadata.json of an int8 MatQuant checkpoint (format and version checked)."""
+  """The validated metadata.json of an int8 MatQuant checkpoint (format, version and schema)."""
   path = pathlib.Path(path)
   meta_file = path / "metadata.json"
   if not meta_file.exists():
     raise FileNotFoundError(
         f"{path} is not a MatQuant checkpoint: {meta_file} is missing. Export one with "
         f"export_matquant_checkpoint (training does this at the end of a run).")
-  meta = json.loads(meta_file.read_text())
-  fmt = meta.get("format")
+  try:
+    meta = json.loads(meta_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{meta_file} is not valid JSON ({e}); the checkpoint is "
+                          f"corrupted.") from None
+  fmt = meta.get("format") if isinstance(meta, dict) else None
   if fmt != FORMAT:
     hint = (" (a serving checkpoint: load it with matquant_jax.serving.load_serving_checkpoint)"
             if str(fmt).startswith("matquant_jax.serving") else "")
-    raise ValueError(f"{path}: format {fmt!r} is not {FORMAT!r}{hint}.")
-  if meta.get("version", 0) > VERSION:
-    raise ValueError(f"{path}: format version {meta['version']} is newer than this library "
-                     f"({VERSION}); upgrade matquant_jax.")
+    raise CheckpointError(f"{path}: format {fmt!r} is not {FORMAT!r}{hint}.")
+  if isinstance(meta.get("version"), int) and meta["version"] > VERSION:
+    raise CheckpointError(f"{path}: format version {meta['version']} is newer than this "
+                          f"library ({VERSION}); upgrade matquant_jax.")
+  _validate_metadata(path, meta)
   return meta
 
 
@@ -204,12 +281,15 @@ class MatQuantCheckpoint:
   path: pathlib.Path | None = None
 
   @classmethod
-  def load(cls, path: str | pathlib.Path, *, shardings: Mapping[str, Any] | None = None
-           ) -> "MatQuantCheckpoint":
+  def load(cls, path: str | pathlib.Path, *, shardings: Mapping[str, Any] | None = None,
+           verify: bool = True) -> "MatQuantCheckpoint":
     """Reads a checkpoint; `shardings` maps '/'-paths of params to a Sharding (optional).
 
     A kernel's codes, α and z are placed with its param's sharding, so a checkpoint restores
-    on any mesh or device count.
+    on any mesh or device count. Before reading, the metadata is checked against its schema
+    and the stored arrays' names, shapes and dtypes against it; after reading (`verify`), the
+    per-array checksums, the codes' range [0, 2^c − 1], finite positive α, finite z and
+    finite floats. Any failure is a CheckpointError naming the array.
     """
     path = pathlib.Path(path)
     meta = read_metadata(path)
@@ -217,7 +297,7 @@ class MatQuantCheckpoint:
     scope = Scope(meta["scope"])
     qpaths = quantized_paths(config, scope)
     if sorted(qpaths) != sorted(meta["quantized"]):
-      raise ValueError(f"{path}: metadata lists quantized kernels that do not match scope "
+      raise CheckpointError(f"{path}: metadata lists quantized kernels that do not match scope "
                        f"{scope.value!r} for model {config.name!r}; the file is inconsistent.")
     shapes = _common.expected_param_shapes(config)
     fdtype = jnp.dtype(meta["float_dtype"])
@@ -243,11 +323,15 @@ class MatQuantCheckpoint:
     target = {"quantized": _common.unflatten_tree(quantized),
               "float": _common.unflatten_tree(floats)}
     import orbax.checkpoint as ocp
+    _check_stored_arrays(path, target)
     try:
       restored = ocp.StandardCheckpointer().restore((path / "arrays").absolute(), target)
-    except Exception as e:  # orbax reports tree mismatches deep in its stack
-      raise ValueError(f"{path}: the stored arrays do not match the metadata's model "
-                       f"{config.name!r} / scope {scope.value!r}: {e}") from e
+    except Exception as e:  # orbax reports unreadable data deep in its stack
+      raise CheckpointError(f"{path}: cannot read the arrays (model {config.name!r}, scope "
+                            f"{scope.value!r}); the checkpoint is incomplete or corrupted: "
+                            f"{e}") from e
+    if verify:
+      _verify_arrays(path, meta, restored)
     rq = _common.flatten_tree(restored["quantized"])
     qtensors = {}
     for name in qpaths:
@@ -343,6 +427,69 @@ def _dequantize(qt: QTensor, bits: int, ep: bool, dtype) -> jax.Array:
     fn = jax.jit(lambda q: q.slice(bits, extra_precision=ep).dequantize(dtype))
     _DEQUANT_CACHE[key] = fn
   return fn(qt)
+
+
+def _check_stored_arrays(path: pathlib.Path, target) -> None:
+  """Names, shapes and dtypes on disk against what the metadata implies (no data read)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    stored = ocp.StandardCheckpointer().metadata((path / "arrays").absolute())
+    stored = getattr(stored, "item_metadata", stored)
+    stored = {"/".join(str(getattr(k, "key", k)) for k in p): m
+              for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{path}/arrays is missing or unreadable ({type(e).__name__}: "
+                          f"{e}); the checkpoint is incomplete.") from None
+  want = {"/".join(str(getattr(k, "key", k)) for k in p): a
+          for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
+  missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
+  if missing or extra:
+    raise CheckpointError(f"{path}: stored arrays differ from the metadata: missing "
+                          f"{missing[:5]}, unexpected {extra[:5]}.")
+  for name, a in want.items():
+    m = stored[name]
+    shape, dtype = tuple(getattr(m, "shape", ())), getattr(m, "dtype", None)
+    if shape != tuple(a.shape) or dtype is None or jnp.dtype(dtype) != jnp.dtype(a.dtype):
+      raise CheckpointError(
+          f"{path}: array {name!r} is stored as {jnp.dtype(dtype).name if dtype else '?'}"
+          f"{list(shape)}, but the metadata implies {jnp.dtype(a.dtype).name}"
+          f"{list(a.shape)} (codes are uint8, α and z float32, floats the metadata's "
+          f"float_dtype); the metadata or the arrays were altered.")
+
+
+def _verify_arrays(path: pathlib.Path, meta: Mapping[str, Any], restored) -> None:
+  """Checksums (when the export wrote them) and value ranges of the restored arrays."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  flat = _common.flatten_tree(restored)
+  sums = meta.get("checksums")
+  if sums is None:
+    warnings.warn(f"{path} has no array checksums (written by an older matquant_jax, or by a "
+                  f"multi-process export): its arrays cannot be verified against corruption.",
+                  stacklevel=3)
+  elif set(sums) != set(flat):
+    raise CheckpointError(f"{path}: metadata checksums list {sorted(set(sums) ^ set(flat))[:5]} "
+                          f"that do not match the stored arrays.")
+  c_max = 2 ** int(meta["parent_bits"]) - 1
+  for name, x in sorted(flat.items()):
+    addressable = getattr(x, "is_fully_addressable", True)
+    if sums is not None and addressable and _digest(x) != sums[name]:
+      raise CheckpointError(f"{path}: array {name!r} does not match its checksum: the file "
+                            f"is corrupted (a changed or truncated byte). Re-export or "
+                            f"re-copy the checkpoint.")
+    leaf = name.rsplit("/", 1)[-1]
+    if name.startswith("quantized/") and leaf == "codes":
+      top = int(jnp.max(x))
+      if top > c_max:
+        raise CheckpointError(f"{path}: array {name!r} holds code {top}, above the "
+                              f"{meta['parent_bits']}-bit range [0, {c_max}] the metadata "
+                              f"declares (parent_bits={meta['parent_bits']}).")
+    elif name.startswith("quantized/") and leaf == "scale":
+      if not bool(jnp.all(jnp.isfinite(x) & (x > 0))):
+        raise CheckpointError(f"{path}: array {name!r} has non-finite or non-positive scales "
+                              f"α; the checkpoint is corrupted.")
+    elif not bool(jnp.all(jnp.isfinite(x))):
+      raise CheckpointError(f"{path}: array {name!r} has non-finite values; the checkpoint "
+                            f"is corrupted.")
 
 
 def _replicated(sharding):

@@ -49,15 +49,14 @@ def _slice_float(q, bits, parent_bits, extra_precision):
 
 def _forward(w, alpha, zero, bits, parent_bits, extra_precision):
   u = w.astype(jnp.float32) / alpha + zero
-  q = jnp.clip(minmax.round_half_up(u), 0, 2**parent_bits - 1)
+  q = jnp.clip(minmax.round_codes(w, alpha, zero), 0, 2**parent_bits - 1)
   _, qs = _slice_float(q, bits, parent_bits, extra_precision)
   return u, q, qs
 
 
-def _in_range(u, q, bits, parent_bits, extra_precision):
+def _in_range(ru, q, bits, parent_bits, extra_precision):
   # The clamps act on rounded values, so the mask tests ⌊u⌉, not u: a channel's max sits at
   # u = 2^c − 1 + ε after float error and must keep its gradient.
-  ru = minmax.round_half_up(u)
   m = (ru >= 0) & (ru <= 2**parent_bits - 1)
   if not extra_precision:
     r = jnp.asarray(bits, jnp.float32)
@@ -85,8 +84,9 @@ def _reduce_to(x, shape):
 
 def _fake_quant_bwd(parent_bits, extra_precision, res, g):
   w, alpha, zero, bits = res
-  u, q, qs = _forward(w, alpha, zero, bits, parent_bits, extra_precision)
-  m = _in_range(u, q, bits, parent_bits, extra_precision).astype(jnp.float32)
+  _, q, qs = _forward(w, alpha, zero, bits, parent_bits, extra_precision)
+  ru = minmax.round_codes(w, alpha, zero)
+  m = _in_range(ru, q, bits, parent_bits, extra_precision).astype(jnp.float32)
   g = g.astype(jnp.float32)
   wf = w.astype(jnp.float32)
   g_w = (g * m).astype(w.dtype)
@@ -102,11 +102,15 @@ _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
 def _bits_operand(bits, parent_bits: int):
-  """A Python int is validated; a traced int is clipped into [1, c] (it cannot be checked)."""
-  if isinstance(bits, jax.core.Tracer) or isinstance(bits, jax.Array):
+  """A concrete bit-width (Python int, NumPy or concrete JAX integer) is validated; a traced
+  one is clipped into [1, c], since its value cannot be inspected."""
+  if isinstance(bits, (jax.core.Tracer, jax.Array, np.ndarray, np.generic)):
     if not jnp.issubdtype(jnp.asarray(bits).dtype, jnp.integer) or jnp.ndim(bits) != 0:
-      raise ValueError(f"a traced bit-width must be an integer scalar, got {bits!r}.")
+      raise ValueError(f"a bit-width array must be an integer scalar, got {bits!r}.")
     validation.check_bits(parent_bits, "parent_bits")
+    if not isinstance(bits, jax.core.Tracer):
+      validation.check_slice_bits(int(bits), parent_bits)
+      return jnp.asarray(bits, jnp.int32)
     return jnp.clip(jnp.asarray(bits, jnp.int32), 1, parent_bits)
   bits, _ = validation.check_slice_bits(bits, parent_bits)
   return np.int32(bits)

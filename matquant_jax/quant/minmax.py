@@ -9,9 +9,22 @@ Clipping (Eq. 3). The paper's α denominator typo `2^{c−1}` is read as `2^c �
 Granularity is per output channel: the statistics reduce over the kernel's *contracting* axes
 (`reduce_axes`), so α and z keep the other axes with size-1 placeholders and broadcast against w.
 
-Rounding: ⌊x⌉ is round-half-up, floor(x + 0.5), everywhere in this package. Ties are a
-measure-zero event for float weights but not for integer codes (see slicing.py), and one rule
-for both keeps the numerics easy to state.
+Rounding: ⌊x⌉ is round-half-up, floor(x + 0.5), everywhere in this package. For the codes it
+is applied to the exact value w/α + z (α, z as stored float32 numbers), on every path: XLA may
+compute w/α as w·(1/α) or fuse differently under jit, which moves values that sit exactly on a
+.5 tie (bf16 weights hit ties often: w = 0.006103515625 can give u = 127.5 exactly).
+`round_codes` therefore rounds the float32 estimate and then corrects it by one where an
+error-free float32 evaluation of the sign of w/α + z − (q ± 0.5) (TwoSum / TwoProduct) says the
+estimate crossed a tie or a rounding boundary. Eager, jit, export and calibration agree with
+an exact (float64) reference.
+
+Degenerate channels. A constant channel (max == min), or one whose range is so small that
+α = range/(2^c − 1) would underflow float32's normal range, is quantized as a constant: all
+codes 0 and α = max(1, |min|·2^-64)/(2^c − 1), so z = −min/α stays finite even for huge
+constants and the channel dequantizes to min (the error is below the range itself). A range
+that overflows float32 (|max − min| > 3.4e38) is computed as max/(2^c−1) − min/(2^c−1).
+Non-finite weights give non-finite statistics; the eager entry points (export, readers,
+`QTensor.quantize` outside jit) refuse them by name (`check_finite`).
 """
 
 from __future__ import annotations
@@ -72,19 +85,87 @@ def minmax_params(
   if beta is not None:
     w_min = w_min * jnp.asarray(beta, jnp.float32)
   value_range = w_max - w_min
+  step = value_range / levels
+  # A range beyond float32 (e.g. ±3e38): the same step, computed without the overflow.
+  step = jnp.where(jnp.isfinite(step), step, w_max / levels - w_min / levels)
+  live = step >= _TINY  # else constant, or so narrow that α would underflow (module docstring)
+  constant_step = jnp.maximum(1.0, jnp.abs(w_min) * 2.0**-64) / levels
   # `where` keeps the gradient of the live branch only, so γ, β still get exact gradients.
-  alpha = jnp.where(value_range > 0, value_range, 1.0) / levels
+  alpha = jnp.where(live, step, constant_step)
   zero = -w_min / alpha
   if round_zero:
     zero = round_half_up(zero)
   return alpha, zero
 
 
+_TINY = float(jnp.finfo(jnp.float32).tiny)  # the smallest normal float32
+
+
+def _two_sum(a, b):
+  """(s, e) with s + e = a + b exactly (Knuth)."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
+
+
+def _split(a):
+  """Veltkamp split of a float32 into two halves of at most 12 significant bits."""
+  c = 4097.0 * a  # 2^12 + 1
+  hi = c - (c - a)
+  return hi, a - hi
+
+
+def _two_prod(a, b):
+  """(p, e) with p + e = a·b exactly (Dekker), without relying on FMA."""
+  p = a * b
+  ah, al = _split(a)
+  bh, bl = _split(b)
+  return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _at_or_above(w, alpha, zero, t):
+  """Whether w/α + z >= t for α > 0, decided exactly: the sign of w − α·(t − z)."""
+  d_hi, d_lo = _two_sum(t, -zero)
+  p_hi, p_lo = _two_prod(alpha, d_hi)
+  return ((w - p_hi) - p_lo) - alpha * d_lo >= 0
+
+
+def round_codes(w: jax.Array, alpha: jax.Array, zero: jax.Array) -> jax.Array:
+  """⌊w/α + z⌉ (round-half-up of the exact value, unclamped) as float32; see the module
+  docstring for why the float32 estimate is corrected."""
+  wf = w.astype(jnp.float32)
+  alpha = jnp.asarray(alpha, jnp.float32)
+  zero = jnp.asarray(zero, jnp.float32)
+  q = round_half_up(wf / alpha + zero)
+  q = q - jnp.where(_at_or_above(wf, alpha, zero, q - 0.5), 0.0, 1.0)
+  return q + jnp.where(_at_or_above(wf, alpha, zero, q + 0.5), 1.0, 0.0)
+
+
+def check_finite(w, name: str, reduce_axes: int | Sequence[int] | None = None) -> None:
+  """Refuses a concrete array with NaN or ±inf, naming the tensor and the first bad entry's
+  output channel (the non-reduced indices); traced arrays cannot be inspected and pass."""
+  if isinstance(w, jax.core.Tracer):
+    return
+  if bool(jnp.all(jnp.isfinite(jnp.asarray(w)))):
+    return
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  arr = np.asarray(jax.device_get(w), np.float32)
+  bad = np.argwhere(~np.isfinite(arr))
+  first = tuple(int(i) for i in bad[0])
+  where = f"entry {first}"
+  if reduce_axes is not None:
+    axes = validation.normalize_axes(reduce_axes, arr.ndim)
+    channel = tuple(i for k, i in enumerate(first) if k not in axes)
+    where = f"output channel {channel} (entry {first})"
+  raise ValueError(f"{name} has {len(bad)} non-finite value(s) ({arr[first]} at {where}): "
+                   f"MinMax quantization needs finite weights; fix or re-export the source "
+                   f"checkpoint.")
+
+
 def quantize(w: jax.Array, alpha: jax.Array, zero: jax.Array, bits: int = 8) -> jax.Array:
   """Unsigned c-bit codes clamp(⌊w/α + z⌉, 0, 2^c − 1) as uint8 (c <= 8)."""
   bits = validation.check_bits(bits)
-  q = round_half_up(w.astype(jnp.float32) / alpha + zero)
-  return jnp.clip(q, 0, 2**bits - 1).astype(jnp.uint8)
+  return jnp.clip(round_codes(w, alpha, zero), 0, 2**bits - 1).astype(jnp.uint8)
 
 
 def dequantize(codes: jax.Array, alpha: jax.Array, zero: jax.Array,

@@ -39,9 +39,12 @@ class QTensor:
   @classmethod
   def quantize(cls, w: jax.Array, bits: int = 8, reduce_axes: int | Sequence[int] = 0, *,
                round_zero: bool = False, gamma=None, beta=None) -> "QTensor":
-    """MinMax-quantizes float weights `w` to `bits`-bit codes (the parent of every slice)."""
+    """MinMax-quantizes float weights `w` to `bits`-bit codes (the parent of every slice).
+
+    Concrete (non-traced) weights with NaN or ±inf are refused (minmax.check_finite)."""
     bits = validation.check_bits(bits)
     axes = validation.normalize_axes(reduce_axes, jnp.ndim(w))
+    minmax.check_finite(w, "the weights", axes)
     alpha, zero = minmax.minmax_params(w, bits, axes, gamma=gamma, beta=beta,
                                        round_zero=round_zero)
     codes = minmax.quantize(w, alpha, zero, bits)

@@ -147,3 +147,49 @@ def parse_config_arg(arg: str | None, names: tuple[str, ...]) -> dict[str, str]:
     raise ValueError(f"config argument {arg!r} must be '{','.join(names)}' (e.g. "
                      f"--config=configs/<file>.py:{','.join(names)}).")
   return dict(zip(names, parts))
+
+
+def check_inputs(config: ml_collections.ConfigDict, model) -> None:
+  """Checks what a run (QAT or calibration) will read — config.init's weights, config.tokenizer,
+  config.data.source — before it writes a file or compiles anything; raises ConfigError naming
+  the field and the fix. `model` is the resolved TransformerConfig."""
+  import pathlib
+  from matquant_jax.checkpoints import weight_source
+  from matquant_jax.data import sources
+  from matquant_jax.data import tokenizer as tokenizer_lib
+  if config.init != "random":
+    try:
+      src = weight_source.parse(config.init)
+      if src.kind == "run" and not (src.path / "final_params").exists():
+        raise FileNotFoundError(f"{src.path / 'final_params'} does not exist; run that job to "
+                                f"the end first (it writes final_params when it finishes).")
+      arch = weight_source.architecture(src)
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(f"config.init={config.init!r}: {e}") from None
+    if arch.replace(name=model.name) != model:
+      raise ConfigError(f"config.init={config.init!r} holds a {arch.name!r} architecture that "
+                        f"differs from config.model={model.name!r}; use --config.model=auto.")
+  spec = config.tokenizer
+  try:
+    if spec.startswith("train:"):
+      vocab = spec.split(":", 1)[1]
+      if not vocab.isdigit() or not 8 <= int(vocab) <= model.vocab_size:
+        raise ValueError(f"the vocabulary size must be an integer in [8, {model.vocab_size}] "
+                         f"(the model's vocab_size), e.g. train:512.")
+    elif spec == "auto":
+      weight_source.tokenizer_near(config.init)
+    elif spec.startswith("run:"):
+      tokenizer_lib.find_tokenizer(pathlib.Path(spec[4:]))
+    elif not pathlib.Path(spec).exists():
+      raise FileNotFoundError(f"{spec} does not exist; pass a SentencePiece .model, an HF "
+                              f"tokenizer.json (or its directory), train:<vocab>, run:<dir> "
+                              f"or auto.")
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.tokenizer={spec!r}: {e}") from None
+  d = config.data
+  try:
+    src = sources.make_source(d.source, d.train_split, tfds_data_dir=d.tfds_data_dir or None)
+    if len(src) == 0:
+      raise ValueError(f"split {d.train_split!r} has no documents.")
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.data.source={d.source!r}: {e}") from None

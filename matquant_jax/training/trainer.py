@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
 from typing import Any
@@ -105,8 +106,12 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
   if d.global_batch_size % shards:
     raise ConfigError(f"config.data.global_batch_size={d.global_batch_size} is not divisible "
                       f"by config.data.num_shards={shards}.")
+  _check_optimizer(config.optimizer)
   num_steps = int(config.num_steps)
-  if num_steps <= 0:
+  if num_steps < 0:
+    raise ConfigError(f"config.num_steps={num_steps} must be >= 0 (0 = derive the step count "
+                      f"from config.data.max_tokens).")
+  if num_steps == 0:
     if not d.max_tokens:
       raise ConfigError("config.num_steps=0 derives the step count from config.data.max_tokens, "
                         "which is 0 too; set one of them.")
@@ -143,6 +148,40 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
                seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
                train_scope=config.train_scope, scan_layers=bool(config.scan_layers),
                remat=config.remat, loss_chunk_size=int(config.loss_chunk_size))
+
+
+def _check_optimizer(o: ml_collections.ConfigDict) -> None:
+  """Every optimizer field in its range: a negative learning rate or clip norm would train
+  silently in the wrong direction."""
+  def finite(name):
+    v = o[name]
+    if not math.isfinite(float(v)):
+      raise ConfigError(f"config.optimizer.{name}={v} must be a finite number.")
+    return float(v)
+
+  checks = (
+      ("peak_lr", lambda v: v > 0, "> 0 (e.g. 1e-5, the paper's QAT learning rate)"),
+      ("final_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (a fraction of peak_lr)"),
+      ("weight_decay", lambda v: v >= 0, ">= 0"),
+      ("b1", lambda v: 0 <= v < 1, "in [0, 1) (Adam's first-moment decay, e.g. 0.9)"),
+      ("b2", lambda v: 0 <= v < 1, "in [0, 1) (Adam's second-moment decay, e.g. 0.999)"),
+      ("eps", lambda v: v > 0, "> 0 (e.g. 1e-8)"),
+  )
+  for name, ok, rule in checks:
+    if not ok(finite(name)):
+      raise ConfigError(f"config.optimizer.{name}={o[name]} must be {rule}.")
+  if o.warmup_steps < 0:
+    raise ConfigError(f"config.optimizer.warmup_steps={o.warmup_steps} must be >= 0.")
+  if o.grad_clip_norm is not None and not (finite("grad_clip_norm") > 0):
+    raise ConfigError(f"config.optimizer.grad_clip_norm={o.grad_clip_norm} must be > 0, or "
+                      f"unset (None) for no clipping.")
+
+
+def preflight(config: ml_collections.ConfigDict, model: model_config_lib.TransformerConfig
+              ) -> None:
+  """Checks what a run will read before it writes a file or compiles (config.check_inputs)."""
+  from matquant_jax.training import config as config_lib
+  config_lib.check_inputs(config, model)
 
 
 def resolve_model(config: ml_collections.ConfigDict) -> model_config_lib.TransformerConfig:
@@ -466,6 +505,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     return aot_topology_report(config)
   workdir = pathlib.Path(workdir).absolute()
   setup = resolve(config)
+  if not config.aot_only:
+    preflight(config, setup.model)
   dcfg = data_config(config)
   workdir.mkdir(parents=True, exist_ok=True)
   log = metrics_lib.MetricsLogger(workdir, setup.num_steps, prefix=config.run_name)
