@@ -32,16 +32,21 @@ def report(error: BaseException, prog: str) -> int:
 
 def _config_override_problem(argv: Sequence[str], error: BaseException) -> str:
   """A readable account of an ml_collections override error (unknown field or bad value)."""
-  text = str(error).strip("\"' ")
-  name = re.sub(r"^['\"]|['\"]$", "", text)
+  text = str(error)
+  name = re.search(r"'([A-Za-z0-9_]+)\\?'", text)
+  name = name.group(1) if name else ""
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
   overrides = [a for a in argv if a.startswith("--config.")]
-  culprit = next((a for a in overrides if name and name in a.split("=", 1)[0]), None)
+  culprit = next((a for a in overrides
+                  if name and a.split("=", 1)[0].split(".")[-1] == name), None)
   if isinstance(error, (AttributeError, KeyError)) and culprit:
     field = culprit.split("=", 1)[0][len("--config."):]
-    return (f"{culprit}: the config has no field {field!r}; check the spelling against the "
-            f"config file (matquant_jax/training/config.py and calibration/config.py list every "
-            f"field).")
-  return (f"a --config override could not be applied ({type(error).__name__}: {text}); "
+    hint = (f"did you mean {suggestion.group(1)!r}?" if suggestion else
+            "check the spelling against the config file")
+    return (f"{culprit}: the config has no field {field!r}; {hint} (matquant_jax/training/"
+            f"config.py and calibration/config.py list every field).")
+  flat = " ".join(text.split())
+  return (f"a --config override could not be applied ({type(error).__name__}: {flat}); "
           f"overrides: {' '.join(overrides) or 'none'}. Each must name an existing field and "
           f"give a value of its type, e.g. --config.num_steps=100.")
 

@@ -37,7 +37,6 @@ import sys
 import time
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -66,6 +65,9 @@ _KERNEL = flags.DEFINE_enum("kernel", "auto", ["auto", "xla_int4", "xla_u8", "xl
 _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "planes", "u8", "int4"],
                             "Storage format of packed kernels (matquant_jax/serving/layouts.py).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Time a second generation after a compiling one.")
+_ALLOW_CLAMPED = flags.DEFINE_bool(
+    "allow_clamped", False, "Serve clamped slices of a checkpoint trained with Extra Precision "
+    "(refused by default: add ':ep' to the plan instead).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 
 _FLOAT_KINDS = ("hf", "gemma", "mistral", "run")
@@ -159,7 +161,8 @@ def check_request(checkpoint: str | None, plan_text: str, prompts: Sequence[str]
   return Request(checkpoint, source, plan, tok_path)
 
 
-def load_model(checkpoint: str, plan, *, dtype=None, fmt: str = "auto"):
+def load_model(checkpoint: str, plan, *, dtype=None, fmt: str = "auto",
+               allow_clamped: bool = False):
   """A ServingModel for `checkpoint` (int8 export dir, or hf:/gemma:/mistral:/run: float
   weights quantized on the fly) at `plan`: a plan string (for float weights read as
   `float_plan` does) or a PrecisionPlan, used as given."""
@@ -177,7 +180,8 @@ def load_model(checkpoint: str, plan, *, dtype=None, fmt: str = "auto"):
     return loader.ServingModel(config=config, plan=plan if not isinstance(plan, str) else float_plan(plan), params=params, dtype=dtype,
                                source=pathlib.Path(checkpoint.partition(":")[2]))
   plan = PrecisionPlan.parse(plan) if isinstance(plan, str) else plan
-  return loader.load_serving(pathlib.Path(checkpoint), plan, dtype=dtype, fmt=fmt)
+  return loader.load_serving(pathlib.Path(checkpoint), plan, dtype=dtype, fmt=fmt,
+                             allow_clamped=allow_clamped)
 
 
 def generate_ids(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
@@ -237,7 +241,8 @@ def main(argv) -> int:
   dtype = jnp.dtype(_DTYPE.value)
   try:
     t0 = time.perf_counter()
-    model = load_model(req.checkpoint, req.plan, dtype=dtype, fmt=_FORMAT.value)
+    model = load_model(req.checkpoint, req.plan, dtype=dtype, fmt=_FORMAT.value,
+                       allow_clamped=_ALLOW_CLAMPED.value)
     load_s = time.perf_counter() - t0
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -306,4 +311,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  from matquant_jax import cli
+  cli.absl_run(main)

@@ -41,7 +41,10 @@ from matquant_jax.models import transformer as transformer_lib
 from matquant_jax.models.config import TransformerConfig
 from matquant_jax.training import objectives as objectives_lib
 
-INPUT_MODES = ("fp", "quantized")
+# fp: the full-precision model's activations; quantized: each width r of R its own quantized
+# model's stream (OmniQuant's procedure, per width); quantized_shared: one stream, the narrowest
+# width's quantized model, fed to every width (calibrator.py documents the three).
+INPUT_MODES = ("fp", "quantized", "quantized_shared")
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -171,7 +174,7 @@ def block_functions(config: TransformerConfig, layer: int,
     return block_functions(config, rep, objective, options, mesh)
   module = _block_module(config, layer, options.compute_dtype)
   copts = options.calib
-  quantized_inputs = options.input_mode == "quantized"
+  quantized_inputs = options.input_mode != "fp"
   has_distill = bool(objective.distill)
   tx = make_optimizer(options)
 

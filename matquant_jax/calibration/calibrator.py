@@ -169,9 +169,13 @@ class _Activations:
     self.positions = np.asarray(tokens["positions"], np.int32)
     self.segment_ids = np.asarray(tokens["segment_ids"], np.int32)
     self.x = x0                                   # [N, T, D] full-precision stream
-    self.quantized = setup.step.input_mode == "quantized"
-    # [R, N, T, D]: one stream per width, all starting from the embeddings.
-    self.xq = np.stack([x0] * len(setup.objective.bits)) if self.quantized else None
+    self.quantized = setup.step.input_mode != "fp"
+    self.shared = setup.step.input_mode == "quantized_shared"
+    self.num_widths = len(setup.objective.bits)
+    # [S, N, T, D]: one stream per width (S = |R|), or one shared stream (S = 1), all starting
+    # from the embeddings.
+    streams = 1 if self.shared else self.num_widths
+    self.xq = np.stack([x0] * streams) if self.quantized else None
 
   def batches(self):
     b = self.setup.batch_size
@@ -186,7 +190,10 @@ class _Activations:
         "segment_ids": jax.device_put(self.segment_ids[idx], fns.batch_sharding),
     }
     if self.quantized:
-      batch["x"] = jax.device_put(self.xq[:, idx], fns.stacked_sharding)
+      x = self.xq[:, idx]
+      if self.shared:  # every width reads the one stream
+        x = np.broadcast_to(x, (self.num_widths,) + x.shape[1:])
+      batch["x"] = jax.device_put(x, fns.stacked_sharding)
     else:
       batch["x"] = jax.device_put(self.x[idx], fns.batch_sharding)
     if y is not None:
@@ -210,9 +217,10 @@ def _forward_fp(fns, bp, acts: _Activations) -> tuple[np.ndarray, float]:
 
 
 def _propagate_quantized(fns, bp, calib, acts: _Activations, bits: tuple[int, ...]) -> None:
-  """X_{l+1}^r = F_l(S(Q_Omni(W'), r), X_l^r) for every stream ("quantized" input mode)."""
+  """X_{l+1}^r = F_l(S(Q_Omni(W'), r), X_l^r) for every stream: one per width ("quantized"),
+  or the narrowest width's alone ("quantized_shared")."""
   dev_calib = jax.device_put(calib, fns.replicated)
-  for i, r in enumerate(bits):
+  for i, r in enumerate([min(bits)] if acts.shared else bits):
     for idx in acts.batches():
       out = fns.quant_forward(bp, dev_calib, jax.device_put(acts.xq[i, idx], fns.batch_sharding),
                               jax.device_put(acts.positions[idx], fns.batch_sharding),
@@ -383,6 +391,7 @@ def export_calibrated(path: str | pathlib.Path, setup: config_lib.CalibSetup,
                      "exporting.")
   folded, clipping = fold_and_clipping(setup, params, result)
   meta = {"objective": setup.objective.describe(), "calibration": "omniquant",
+          "extra_precision": setup.objective.extra_precision,
           "let": setup.step.calib.let, "lwc": setup.step.calib.lwc,
           "input_mode": setup.step.input_mode, "steps_per_block": setup.steps_per_block,
           **dict(metadata or {})}

@@ -5,7 +5,7 @@ The accelerator holds, during a step (everything else stays in host memory):
     float32 temporaries of the quantized kernels);
   * the learnable state: LWC logits and LET log-scales, their gradients and two Adam moments
     (float32, 4 copies) — tiny next to the weights;
-  * one batch of activations: x (one per width in "quantized" mode) and the target y
+  * one batch of activations: x (one per width in the quantized input modes) and the target y
     [B, T, D] in the host dtype;
   * the step's working set (attention logits/probs, FFN hidden states, saved residuals for the
     backward pass of one width at a time), which XLA's memory analysis of the compiled step
@@ -56,7 +56,7 @@ def analytic_budget(setup: config_lib.CalibSetup) -> dict[str, float]:
   n_block = sum(math.prod(s) for s in _common.flatten_tree(block_param_shapes(model)).values())
   n_state = calib_state_count(model, setup.step.calib)
   dp = int(np.prod(list(setup.mesh.shape.values())))
-  streams = len(setup.objective.bits) if setup.step.input_mode == "quantized" else 1
+  streams = len(setup.objective.bits) if setup.step.input_mode != "fp" else 1
   act = (streams + 1) * setup.batch_size * setup.seq_len * model.embed_dim * _BYTES[
       setup.host_dtype] / dp
   out = {
@@ -76,7 +76,8 @@ def host_budget(setup: config_lib.CalibSetup, host_param_dtype: str = "float32"
   """Host memory: the model's weights and the calibration activations (X, Y, streams)."""
   model = setup.model
   n_params = sum(math.prod(s) for s in _common.expected_param_shapes(model).values())
-  streams = len(setup.objective.bits) if setup.step.input_mode == "quantized" else 0
+  streams = {"fp": 0, "quantized": len(setup.objective.bits), "quantized_shared": 1}[
+      setup.step.input_mode]
   one = setup.num_samples * setup.seq_len * model.embed_dim * _BYTES[setup.host_dtype]
   return {"model_params_bytes": float(n_params * _BYTES[host_param_dtype]),
           "activations_bytes": float((2 + streams) * one)}
@@ -98,7 +99,7 @@ def abstract_step_args(setup: config_lib.CalibSetup, fns: block_lib.BlockFunctio
                                opt)
   hdt = jnp.bfloat16 if setup.host_dtype == "bfloat16" else jnp.float32
   b, t, d = setup.batch_size, setup.seq_len, model.embed_dim
-  if setup.step.input_mode == "quantized":
+  if setup.step.input_mode != "fp":
     x = jax.ShapeDtypeStruct((len(setup.objective.bits), b, t, d), hdt,
                              sharding=fns.stacked_sharding)
   else:

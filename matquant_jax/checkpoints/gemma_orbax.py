@@ -53,8 +53,9 @@ def _restore_metadata(path: pathlib.Path):
         f"'<archive>/gemma2-2b', next to tokenizer.model).")
   try:
     meta = ocp.PyTreeCheckpointer().metadata(path)
-  except (FileNotFoundError, ValueError) as e:
-    raise ValueError(f"{path} is not an Orbax PyTree checkpoint: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise _common.CheckpointError(f"{path} is not a readable Orbax PyTree checkpoint "
+                                  f"({type(e).__name__}: {e}).") from None
   # orbax >= 0.11 wraps the tree in StepMetadata.item_metadata.tree; older returns the tree.
   meta = getattr(meta, "item_metadata", meta)
   return getattr(meta, "tree", meta)
@@ -208,11 +209,17 @@ def load_gemma_flax_checkpoint(
       hint="Check the config (gemma2_2b / gemma2_9b / gemma2_27b) matches the checkpoint size.")
 
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = _common.flatten_tree(
-      ocp.PyTreeCheckpointer().restore(path, restore_args=restore_args))
+  try:
+    restored = _common.flatten_tree(
+        ocp.PyTreeCheckpointer().restore(path, restore_args=restore_args))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _common.CheckpointError(f"{path}: cannot read the arrays; the checkpoint is "
+                                  f"incomplete or corrupted ({type(e).__name__}: {e}).") from None
   flat = {}
   for canonical, stored in names.items():
     x = np.asarray(restored.pop(stored))
+    if x.dtype.kind in "fV" and not np.isfinite(x).all():
+      raise _common.CheckpointError(f"{path}: tensor {stored!r} holds NaN or infinite values.")
     if canonical.endswith(_GATING) and transposed:
       x = np.swapaxes(x, 1, 2)
     if canonical == emb:

@@ -355,10 +355,27 @@ class MatQuantCheckpoint:
                qtensors={}, floats={}, metadata=dict(meta.get("metadata", {})),
                path=pathlib.Path(path))
 
-  def check_plan(self, plan: PrecisionPlan) -> None:
-    """Raises ValueError if `plan` cannot be served from this checkpoint."""
+  @property
+  def trained_extra_precision(self) -> bool:
+    """Whether training (QAT or calibration) used the unclamped Extra Precision slices."""
+    if "extra_precision" in self.metadata:
+      return bool(self.metadata["extra_precision"])
+    return str(self.metadata.get("objective", "")).endswith(" ep")  # older exports
+
+  def check_plan(self, plan: PrecisionPlan, *, allow_clamped: bool = False) -> None:
+    """Raises ValueError if `plan` cannot be served from this checkpoint.
+
+    A checkpoint trained with Extra Precision learned its low widths as unclamped slices
+    (Eq. 8); serving them clamped is a different model nobody trained, so it needs
+    `allow_clamped=True` (the CLIs' --allow_clamped)."""
     if not plan.is_quantized:
       return
+    if (self.trained_extra_precision and not plan.extra_precision and not allow_clamped and
+        any(b < self.parent_bits for b in _flat_widths(plan, self.config.num_layers))):
+      raise ValueError(
+          f"plan {plan} serves clamped slices, but this checkpoint was trained with Extra "
+          f"Precision (unclamped slices, Eq. 8): add ':ep' to the plan, or opt in to the "
+          f"clamped slices it was not trained for (allow_clamped=True, --allow_clamped).")
     kinds = {"ffn", "attn"} if self.scope == Scope.FFN_ATTN else (
         {"ffn"} if self.scope == Scope.FFN else ({"attn"} if self.scope == Scope.ATTN else set()))
     wanted = {k for k in ("ffn", "attn") if plan.quantizes(k)}
@@ -379,15 +396,17 @@ class MatQuantCheckpoint:
                          name.split("/")[-2])
     return self.parent_bits if bits is None else bits
 
-  def qtensors_for(self, plan: PrecisionPlan) -> dict[str, QTensor]:
+  def qtensors_for(self, plan: PrecisionPlan, *, allow_clamped: bool = False
+                   ) -> dict[str, QTensor]:
     """Each quantized kernel's QTensor at the plan's width for its layer."""
-    self.check_plan(plan)
+    self.check_plan(plan, allow_clamped=allow_clamped)
     return {n: qt.slice(self.slice_bits(plan, n), extra_precision=plan.extra_precision)
             for n, qt in self.qtensors.items()}
 
-  def params_for(self, plan: PrecisionPlan, dtype: Any = jnp.bfloat16) -> dict[str, Any]:
+  def params_for(self, plan: PrecisionPlan, dtype: Any = jnp.bfloat16, *,
+                 allow_clamped: bool = False) -> dict[str, Any]:
     """The model's param tree with every quantized kernel dequantized at the plan's width."""
-    self.check_plan(plan)
+    self.check_plan(plan, allow_clamped=allow_clamped)
     flat = {n: v.astype(dtype) for n, v in self.floats.items()}
     for name in self.qtensors:
       flat[name] = self.kernel_at(name, self.slice_bits(plan, name),
@@ -399,9 +418,9 @@ class MatQuantCheckpoint:
     """Kernel `name` (a '/'-joined param path) dequantized at slice width `bits`."""
     return _dequantize(self.qtensors[name], bits, extra_precision, dtype)
 
-  def effective_bits(self, plan: PrecisionPlan) -> float:
+  def effective_bits(self, plan: PrecisionPlan, *, allow_clamped: bool = False) -> float:
     """Average bits per quantized parameter under `plan`, extra-bucket bits included."""
-    self.check_plan(plan)
+    self.check_plan(plan, allow_clamped=allow_clamped)
     total_bits = total = 0.0
     for name, qt in self.qtensors.items():
       s = qt.slice(self.slice_bits(plan, name), extra_precision=plan.extra_precision)
@@ -427,6 +446,13 @@ def _dequantize(qt: QTensor, bits: int, ep: bool, dtype) -> jax.Array:
     fn = jax.jit(lambda q: q.slice(bits, extra_precision=ep).dequantize(dtype))
     _DEQUANT_CACHE[key] = fn
   return fn(qt)
+
+
+def _flat_widths(plan: PrecisionPlan, num_layers: int) -> list[int]:
+  out = []
+  for entry in plan.layer_bits(num_layers):
+    out += list(entry) if isinstance(entry, tuple) else [entry]
+  return out
 
 
 def _check_stored_arrays(path: pathlib.Path, target) -> None:

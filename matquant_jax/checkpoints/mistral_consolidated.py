@@ -206,8 +206,15 @@ def load_mistral_consolidated(
   if not params_file.is_file():
     raise FileNotFoundError(f"{path} has no {PARAMS_FILE}; the consolidated format needs it.")
   infos = safetensors_io.list_tensors(files)
-  config = config_from_params_json(json.loads(params_file.read_text()),
-                                   {n: i.shape for n, i in infos.items()})
+  try:
+    params_json = json.loads(params_file.read_text())
+    if not isinstance(params_json, dict):
+      raise ValueError(f"holds a JSON {type(params_json).__name__}, not an object")
+    config = config_from_params_json(params_json, {n: i.shape for n, i in infos.items()})
+  except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+    if isinstance(e, _common.CheckpointError):
+      raise
+    raise _common.CheckpointError(f"{params_file}: {e}") from None
   if config.head_dim % 2:
     raise ValueError(f"head_dim={config.head_dim} is odd; RoPE needs an even head_dim.")
   expected = {hf_name_to_original(n): s

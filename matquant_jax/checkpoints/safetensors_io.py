@@ -30,6 +30,7 @@ import numpy as np
 import safetensors
 
 from matquant_jax.checkpoints import _common
+from matquant_jax.checkpoints._common import CheckpointError
 from matquant_jax.checkpoints._common import CheckpointMismatchError
 from matquant_jax.models import config as config_lib
 from matquant_jax.models.config import TransformerConfig
@@ -80,15 +81,50 @@ def read_header(file: PathLike) -> tuple[dict[str, Any], int]:
   with open(file, "rb") as fh:
     raw_len = fh.read(8)
     if len(raw_len) != 8:
-      raise ValueError(f"{file}: not a safetensors file (shorter than its 8-byte header length).")
+      raise CheckpointError(f"{file}: not a safetensors file (shorter than its 8-byte header "
+                            f"length).")
     n = int.from_bytes(raw_len, "little")
     if n > 100 * 2**20 or n > file.stat().st_size - 8:
-      raise ValueError(f"{file}: not a safetensors file (header length {n} is impossible).")
+      raise CheckpointError(f"{file}: not a safetensors file or truncated (header length {n} "
+                            f"is impossible for a {file.stat().st_size}-byte file).")
     try:
-      header = json.loads(fh.read(n))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{file}: not a safetensors file (header is not JSON: {e}).") from None
+      header = json.loads(fh.read(n).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{file}: not a safetensors file (the header is not UTF-8 JSON: "
+                            f"{e}).") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{file}: the safetensors header is a JSON {type(header).__name__}, "
+                          f"not an object of tensor entries.")
   return header, 8 + n
+
+
+def _tensor_info(file: pathlib.Path, name: str, info: Any, start: int, size: int) -> TensorInfo:
+  """One header entry, checked: dtype, shape and a data range inside the file."""
+  where = f"{file}: tensor {name!r}"
+  if not isinstance(info, dict):
+    raise CheckpointError(f"{where}: the header entry is a {type(info).__name__}, not an "
+                          f"object with dtype, shape and data_offsets.")
+  missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+  if missing:
+    raise CheckpointError(f"{where}: the header entry lacks {missing}.")
+  shape, offsets, tag = info["shape"], info["data_offsets"], info["dtype"]
+  if not isinstance(tag, str):
+    raise CheckpointError(f"{where}: dtype {tag!r} is not a safetensors dtype tag.")
+  if not isinstance(shape, list) or not all(
+      isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative ints.")
+  if (not isinstance(offsets, list) or len(offsets) != 2 or not all(
+      isinstance(o, int) and not isinstance(o, bool) for o in offsets) or
+      not 0 <= offsets[0] <= offsets[1]):
+    raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a [begin, end] pair.")
+  if start + offsets[1] > size:
+    raise CheckpointError(f"{where}: its data ends at byte {start + offsets[1]}, past the end "
+                          f"of the {size}-byte file; the file is truncated.")
+  dtype = _ST_TO_NP.get(tag, tag)
+  if isinstance(dtype, np.dtype) and offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+    raise CheckpointError(f"{where}: {offsets[1] - offsets[0]} data bytes for shape {shape} of "
+                          f"{tag} ({math.prod(shape) * dtype.itemsize} expected).")
+  return TensorInfo(file, tuple(shape), dtype, tuple(offsets), start)
 
 
 def list_tensors(files: Iterable[PathLike]) -> dict[str, TensorInfo]:
@@ -98,14 +134,14 @@ def list_tensors(files: Iterable[PathLike]) -> dict[str, TensorInfo]:
   for file in files:
     file = pathlib.Path(file)
     header, start = read_header(file)
+    size = file.stat().st_size
     for name, info in header.items():
       if name == "__metadata__":
         continue
       if name in out:
         dupes.append(f"{name} (in {out[name].file.name} and {file.name})")
         continue
-      dtype = _ST_TO_NP.get(info["dtype"], info["dtype"])
-      out[name] = TensorInfo(file, tuple(info["shape"]), dtype, tuple(info["data_offsets"]), start)
+      out[name] = _tensor_info(file, name, info, start, size)
   if dupes:
     raise CheckpointMismatchError("tensors stored more than once:\n    " + "\n    ".join(dupes))
   return out
@@ -119,8 +155,8 @@ def _read_raw(info: TensorInfo) -> np.ndarray:
     fh.seek(info.data_start + begin)
     arr = np.fromfile(fh, dtype=info.dtype, count=count)
   if arr.size != math.prod(info.shape):
-    raise ValueError(f"{info.file}: truncated tensor data ({arr.size} of "
-                     f"{math.prod(info.shape)} elements).")
+    raise CheckpointError(f"{info.file}: truncated tensor data ({arr.size} of "
+                          f"{math.prod(info.shape)} elements).")
   return arr.reshape(info.shape)
 
 
@@ -137,7 +173,12 @@ def read_tensors(
   for name, info in infos.items():
     by_file.setdefault(info.file, []).append(name)
   for file, names in by_file.items():
-    with safetensors.safe_open(str(file), framework="numpy") as handle:
+    try:
+      handle_ctx = safetensors.safe_open(str(file), framework="numpy")
+    except Exception as e:  # safetensors' own SafetensorError names no file
+      raise CheckpointError(f"{file}: cannot open as safetensors ({type(e).__name__}: {e}).") \
+          from None
+    with handle_ctx as handle:
       for name in names:
         try:
           arr = handle.get_tensor(name)
@@ -145,6 +186,14 @@ def read_tensors(
           if infos[name].dtype != np.dtype(ml_dtypes.bfloat16):
             raise
           arr = _read_raw(infos[name])
+        except Exception as e:  # pylint: disable=broad-except
+          raise CheckpointError(f"{file}: cannot read tensor {name!r} ({type(e).__name__}: "
+                                f"{e}).") from None
+        floating = arr.dtype.kind == "f" or arr.dtype == np.dtype(ml_dtypes.bfloat16)
+        if floating and not np.isfinite(arr).all():
+          raise CheckpointError(f"{file}: tensor {name!r} holds NaN or infinite values; "
+                                f"quantization needs finite weights (fix the source "
+                                f"checkpoint).")
         yield name, _common.cast(arr, dtype)
 
 
@@ -209,7 +258,12 @@ def read_hf_config(path: PathLike) -> dict[str, Any]:
     raise FileNotFoundError(
         f"{path} has no {CONFIG_FILE}; an HF checkpoint directory needs it (files there: "
         f"{sorted(p.name for p in path.iterdir())}).")
-  d = json.loads(cfg_file.read_text())
+  try:
+    d = json.loads(cfg_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{cfg_file}: not valid JSON ({e}).") from None
+  if not isinstance(d, dict):
+    raise CheckpointError(f"{cfg_file}: holds a JSON {type(d).__name__}, not an object.")
   model_type = d.get("model_type")
   archs = d.get("architectures") or []
   problems = []
@@ -222,7 +276,7 @@ def read_hf_config(path: PathLike) -> dict[str, Any]:
                       f"(expected [{want!r}])")
   problems += unsupported_features(d)
   if problems:
-    raise ValueError(
+    raise CheckpointError(
         f"{cfg_file}: " + "; ".join(problems) + ". Supported: " +
         ", ".join(f"{t} ({a})" for t, a in SUPPORTED_ARCHITECTURES.items()) + ".")
   return d
@@ -334,7 +388,11 @@ def load_hf_checkpoint(
   dtype = _common.as_dtype(dtype)
   mapping = _hf_mapping()
   hf_cfg = read_hf_config(path)
-  config = mapping.config_from_hf_config(hf_cfg)
+  try:
+    config = mapping.config_from_hf_config(hf_cfg)
+  except (KeyError, TypeError, ValueError) as e:
+    what = f"lacks the field {e}" if isinstance(e, KeyError) else str(e)
+    raise CheckpointError(f"{path / CONFIG_FILE}: {what}") from None
   if match_preset:
     config = _matching_preset(config)
   files = hf_weight_files(path)

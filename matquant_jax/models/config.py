@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 import jax.numpy as jnp
 
@@ -108,6 +109,23 @@ class TransformerConfig:
       raise ValueError(
           f"TransformerConfig({self.name!r}): num_embed={self.num_embed} < vocab_size="
           f"{self.vocab_size}; the embedding must hold every token.")
+    if self.sliding_window is not None and (
+        isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or
+        self.sliding_window <= 0):
+      raise ValueError(
+          f"TransformerConfig({self.name!r}).sliding_window must be a positive int or None, got "
+          f"{self.sliding_window!r}.")
+    for f in ("norm_eps", "rope_base"):
+      v = getattr(self, f)
+      if not isinstance(v, (int, float)) or isinstance(v, bool) or not (
+          math.isfinite(v) and v > 0):
+        raise ValueError(f"TransformerConfig({self.name!r}).{f} must be a positive number, got "
+                         f"{v!r}.")
+    for f in ("attn_logit_softcap", "final_logit_softcap", "query_scale"):
+      v = getattr(self, f, None)
+      if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        raise ValueError(f"TransformerConfig({self.name!r}).{f} must be a positive number or "
+                         f"None, got {v!r}.")
     if self.attention_pattern != AttentionPattern.GLOBAL and not self.sliding_window:
       raise ValueError(
           f"TransformerConfig({self.name!r}): attention_pattern={self.attention_pattern.value} "

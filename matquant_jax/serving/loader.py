@@ -186,7 +186,7 @@ def _read_metadata(path: pathlib.Path) -> tuple[dict, mqc.MatQuantCheckpoint]:
 
 def load_serving(path: str | pathlib.Path, plan: PrecisionPlan | str, *,
                  dtype: Any = jnp.bfloat16, device: jax.Device | None = None,
-                 fmt: str = "auto") -> ServingModel:
+                 fmt: str = "auto", allow_clamped: bool = False) -> ServingModel:
   """Streams an int8 MatQuant checkpoint into serving weights for `plan`.
 
   Args:
@@ -197,6 +197,8 @@ def load_serving(path: str | pathlib.Path, plan: PrecisionPlan | str, *,
       served at the parent width c, as in `MatQuantCheckpoint.params_for`. The bf16 plan
       dequantizes every kernel to `dtype` (the float baseline; nothing packed).
     dtype: compute dtype and the dtype of the float params.
+    allow_clamped: serve clamped slices of an Extra-Precision-trained checkpoint
+      (MatQuantCheckpoint.check_plan refuses them otherwise).
     device: where the params go (default: the first device).
     fmt: storage format of the packed kernels: "auto" (layouts.py rules), "planes", "u8"
       (unpacked, one byte per code) or "int4" (kernels of <= 4 stored bits; wider ones "auto").
@@ -216,7 +218,7 @@ def load_serving(path: str | pathlib.Path, plan: PrecisionPlan | str, *,
           f"codes cannot be re-sliced. Load the int8 MatQuant checkpoint for other plans.")
     return model
   meta, shell = _read_metadata(path)
-  shell.check_plan(plan)
+  shell.check_plan(plan, allow_clamped=allow_clamped)
   config = shell.config
   reader = _ArrayReader(path / "arrays")
   qpaths = sorted(meta["quantized"])

@@ -620,6 +620,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         workdir / "matquant_int8", setup.model, final_params, scope=setup.objective.scope,
         parent_bits=setup.objective.parent_bits, overwrite=True,
         metadata={"objective": setup.objective.describe(), "steps": step,
+                  "extra_precision": setup.objective.extra_precision,
                   "config": json.loads(config.to_json_best_effort())})
     log.text(f"exported the int8 MatQuant checkpoint to {path}")
     summary["export"] = str(path)

@@ -162,3 +162,24 @@ def test_codes_stored_wider_than_uint8_are_refused_before_reading(exported, tmp_
   with pytest.raises(CheckpointError, match="'quantized/layer_0/mlp/linear/w/codes' is stored "
                                             "as int32"):
     MatQuantCheckpoint.load(path)
+
+
+def test_extra_precision_checkpoint_refuses_clamped_plans_unless_asked(tmp_path):
+  from matquant_jax.quant.plan import PrecisionPlan
+  from matquant_jax.serving import loader
+  config = get_config("tiny_gemma2")
+  params = init_params(config, jax.random.key(2, impl="rbg"))
+  path = export_matquant_checkpoint(tmp_path / "ep", config, params,
+                                    metadata={"objective": "extra_precision [8,4,2] λ=(1,1,1) "
+                                              "ffn ep", "extra_precision": True})
+  ckpt = MatQuantCheckpoint.load(path)
+  assert ckpt.trained_extra_precision
+  for plan in ("ffn:int2", "ffn:pyramid@3.0", "ffn:[2,4,8,8]"):
+    with pytest.raises(ValueError, match="trained with Extra Precision"):
+      ckpt.params_for(PrecisionPlan.parse(plan))
+    with pytest.raises(ValueError, match="add ':ep'"):
+      loader.load_serving(path, plan)
+  ckpt.params_for(PrecisionPlan.parse("ffn:int2:ep"))   # what it was trained for
+  ckpt.params_for(PrecisionPlan.parse("ffn:int8"))      # the parent width is not sliced
+  ckpt.params_for(PrecisionPlan.parse("ffn:int2"), allow_clamped=True)
+  loader.load_serving(path, "ffn:int2", allow_clamped=True)

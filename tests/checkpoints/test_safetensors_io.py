@@ -261,3 +261,65 @@ def test_save_accepts_jax_arrays(tmp_path, helpers):
   params = helpers.random_params(config)
   save_hf_checkpoint(tmp_path, config, jax.tree.map(jnp.asarray, params), dtype="float32")
   helpers.assert_trees_equal(load_hf_checkpoint(tmp_path)[1], params, rows=config.vocab_size)
+
+
+# Malformed files: the library's CheckpointError naming the file, before tensor data is read.
+
+
+def _good_file(tmp_path):
+  from matquant_jax.checkpoints.safetensors_io import write_safetensors
+  f = tmp_path / "model.safetensors"
+  write_safetensors(f, [("a", np.arange(6, dtype=np.float32).reshape(2, 3)),
+                        ("b", np.ones(4, np.float32))])
+  return f
+
+
+def _with_header(tmp_path, header: bytes, data: bytes = b"\0" * 64):
+  f = tmp_path / "bad.safetensors"
+  f.write_bytes(len(header).to_bytes(8, "little") + header + data)
+  return f
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: _good_file(d).write_bytes(_good_file(d).read_bytes()[:-9]) and
+     d / "model.safetensors", "past the end"),
+    (lambda d: (lambda f: f.write_bytes(f.read_bytes()[:8] + b"\xff" + f.read_bytes()[9:]) and
+                f)(_good_file(d)), "not UTF-8 JSON"),
+    (lambda d: _with_header(d, b'{"a": {"dtype": "F32", "data_offsets": [0, 8]}}'),
+     r"lacks \['shape'\]"),
+    (lambda d: _with_header(d, b'{"a": "F32"}'), "header entry is a str"),
+    (lambda d: _with_header(d, b'[1, 2, 3]'), "JSON list"),
+    (lambda d: _with_header(d, b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": '
+                               b'[0, 4096]}}'), "past the end"),
+    (lambda d: _with_header(d, b'{"a": {"dtype": "F32", "shape": [-1], "data_offsets": '
+                               b'[0, 4]}}'), "shape"),
+    (lambda d: _with_header(d, b'{"a": {"dtype": "F32", "shape": [3], "data_offsets": '
+                               b'[0, 8]}}'), "data bytes"),
+    (lambda d: (d / "short.safetensors").write_bytes(b"\1\2") and d / "short.safetensors",
+     "shorter than"),
+])
+def test_malformed_safetensors_are_refused_by_name(tmp_path, make, match):
+  from matquant_jax.checkpoints._common import CheckpointError
+  from matquant_jax.checkpoints.safetensors_io import list_tensors
+  f = make(tmp_path)
+  with pytest.raises(CheckpointError, match=match) as e:
+    list_tensors([f])
+  assert str(f) in str(e.value)
+
+
+def test_non_finite_tensor_is_refused_by_name(tmp_path):
+  from matquant_jax.checkpoints._common import CheckpointError
+  from matquant_jax.checkpoints.safetensors_io import list_tensors, read_tensors, write_safetensors
+  f = tmp_path / "model.safetensors"
+  write_safetensors(f, [("w", np.array([1.0, np.inf], np.float32))])
+  with pytest.raises(CheckpointError, match="'w' holds NaN or infinite"):
+    list(read_tensors(list_tensors([f])))
+
+
+def test_negative_sliding_window_is_refused():
+  from matquant_jax.models import hf_mapping
+  d = {"model_type": "mistral", "num_attention_heads": 4, "hidden_size": 64,
+       "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100,
+       "sliding_window": -5}
+  with pytest.raises(ValueError, match="sliding_window must be a positive int"):
+    hf_mapping.config_from_hf_config(d)

@@ -183,3 +183,13 @@ def test_traced_bits_equal_static_bits(ep):
 def test_traced_bits_must_be_an_integer_scalar():
   with pytest.raises(ValueError, match="integer scalar"):
     jax.jit(lambda b: fq.fake_quant(_w(), b))(jnp.float32(4))
+
+
+@pytest.mark.parametrize("bits", [9, 0, -1])
+def test_a_concrete_array_bit_width_is_checked_not_clipped(bits):
+  w = jnp.ones((4, 3))
+  with pytest.raises(ValueError, match="bits"):
+    fq.fake_quant(w, jnp.int32(bits))
+  with pytest.raises(ValueError, match="bits"):
+    fq.fake_quant(w, np.int32(bits))
+  np.testing.assert_array_equal(fq.fake_quant(w, jnp.int32(4)), fq.fake_quant(w, 4))

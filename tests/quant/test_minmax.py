@@ -94,3 +94,83 @@ def test_bad_bits(bits):
     minmax.minmax_params(_w((4, 4)), bits, 0)
   with pytest.raises(ValueError, match=f"bits={bits}"):
     minmax.quantize(_w((4, 4)), jnp.ones((1, 4)), jnp.zeros((1, 4)), bits)
+
+
+# Exact round-half-up at ties on every path, degenerate channels, non-finite weights.
+
+
+def _bf16_weights(shape=(256, 512), seed=0):
+  import ml_dtypes
+  return (np.random.default_rng(seed).standard_normal(shape) * 0.02).astype(ml_dtypes.bfloat16)
+
+
+def _reference_codes(w, alpha, zero, bits=8):
+  """The spec's codes from the exact value w/α + z (float64 holds every tie exactly)."""
+  u = np.asarray(w, np.float64) / np.asarray(alpha, np.float64) + np.asarray(zero, np.float64)
+  return np.clip(np.floor(u + 0.5), 0, 2**bits - 1).astype(np.uint8), u
+
+
+def test_codes_are_exact_at_ties_on_every_path(tmp_path):
+  import jax
+  from matquant_jax.checkpoints.matquant_checkpoint import _quantize
+  from matquant_jax.quant.qtensor import QTensor
+  w = jnp.asarray(_bf16_weights())
+  alpha, zero = minmax.minmax_params(w, 8, 0)
+  ref, u = _reference_codes(w, alpha, zero)
+  assert np.sum(u - np.floor(u) == 0.5) > 50  # bf16 weights put many codes on a tie
+  paths = {
+      "eager": minmax.quantize(w, alpha, zero, 8),
+      "jit": jax.jit(lambda w, a, z: minmax.quantize(w, a, z, 8))(w, alpha, zero),
+      "qtensor jit": jax.jit(lambda w: QTensor.quantize(w, 8, 0).codes)(w),
+      "export": _quantize(w, 8, (0,), False).codes,
+  }
+  for name, codes in paths.items():
+    np.testing.assert_array_equal(np.asarray(codes), ref, err_msg=name)
+
+
+def test_the_reported_tie_rounds_up():
+  # One channel where w = 0.006103515625 lands exactly on u = 127.5: the spec says 128.
+  w = jnp.asarray(np.array([[-0.0244140625], [0.0244140625 + 2 * 0.006103515625 - 0.0244140625],
+                            [0.0244140625]], np.float32))
+  alpha, zero = minmax.minmax_params(w, 8, 0)
+  _, u = _reference_codes(w, alpha, zero)
+  codes = np.asarray(minmax.quantize(w, alpha, zero, 8))[:, 0]
+  np.testing.assert_array_equal(codes, np.floor(u[:, 0] + 0.5))
+
+
+def test_fake_quant_uses_the_exact_codes():
+  from matquant_jax.quant import fake_quant
+  w = jnp.asarray(_bf16_weights((64, 128), seed=1)).astype(jnp.float32)
+  alpha, zero = minmax.minmax_params(w, 8, 0)
+  ref, _ = _reference_codes(w, alpha, zero)
+  got = fake_quant.fake_quant_with_params(w, alpha, zero, 8)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(alpha) * (ref - np.asarray(zero)),
+                             rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("values", [
+    [1e-40, 1e-40 + 1e-44, 1e-40],         # a range so tiny that α would underflow
+    [3e38, 3e38, 3e38],                     # a huge constant: z = −min/α used to overflow
+    [-3e38, 3e38, 0.0],                     # a range beyond float32
+    [-2.5, -2.5, -2.5],                     # an ordinary constant
+])
+def test_degenerate_channels_are_finite(values):
+  w = jnp.asarray(np.array(values, np.float32)[:, None])
+  alpha, zero = minmax.minmax_params(w, 8, 0)
+  codes = minmax.quantize(w, alpha, zero, 8)
+  deq = np.asarray(minmax.dequantize(codes, alpha, zero))
+  assert np.all(np.isfinite(np.asarray(alpha))) and np.all(np.asarray(alpha) > 0)
+  assert np.all(np.isfinite(np.asarray(zero))) and np.all(np.isfinite(deq))
+  span = max(values) - min(values)
+  # Subnormal inputs may be flushed to zero by XLA: within the smallest normal float32.
+  np.testing.assert_allclose(deq[:, 0], values, rtol=1e-6,
+                             atol=max(span / 255 * 1.01, 1.2e-38))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_by_channel(bad):
+  from matquant_jax.quant.qtensor import QTensor
+  w = np.ones((4, 6), np.float32)
+  w[2, 3] = bad
+  with pytest.raises(ValueError, match=r"non-finite.*output channel \(3,\)"):
+    QTensor.quantize(jnp.asarray(w), 8, 0)

@@ -64,14 +64,53 @@ def test_bad_configs_fail_before_compilation(overrides, match):
     trainer.resolve(c, devices=jax.devices()[:8])
 
 
+@pytest.mark.parametrize("overrides,match", [
+    ({"optimizer.peak_lr": -1.0}, "peak_lr=-1.0 must be > 0"),
+    ({"optimizer.peak_lr": float("nan")}, "peak_lr=nan must be a finite"),
+    ({"optimizer.grad_clip_norm": -1.0}, "grad_clip_norm=-1.0 must be > 0"),
+    ({"optimizer.b2": 1.5}, r"b2=1.5 must be in \[0, 1\)"),
+    ({"optimizer.b1": -0.1}, "b1=-0.1"),
+    ({"optimizer.eps": 0.0}, "eps=0.0"),
+    ({"optimizer.weight_decay": -1e-4}, "weight_decay"),
+    ({"optimizer.final_lr_fraction": 2.0}, "final_lr_fraction"),
+    ({"optimizer.warmup_steps": -1}, "warmup_steps=-1 must be >= 0"),
+    ({"num_steps": -5}, "num_steps=-5 must be >= 0"),
+])
+def test_optimizer_and_step_fields_are_range_checked(overrides, match):
+  with pytest.raises(trainer.ConfigError, match=match):
+    trainer.resolve(tiny_config(**overrides), devices=jax.devices()[:8])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"data.source": "text:/nonexistent/corpus.txt"}, "config.data.source"),
+    ({"tokenizer": "/nonexistent/tokenizer.model"}, "config.tokenizer.*does not exist"),
+    ({"tokenizer": "train:abc"}, "vocabulary size must be an integer"),
+    ({"tokenizer": "run:/nonexistent"}, "config.tokenizer='run:/nonexistent'"),
+    ({"init": "hf:/nonexistent"}, "config.init='hf:/nonexistent'.*does not exist"),
+    ({"init": "run:/nonexistent"}, "config.init='run:/nonexistent'"),
+    ({"init": "gemma2:/x"}, "config.init"),
+    ({"optimizer.warmup_steps": -1}, "warmup_steps"),
+])
+def test_bad_inputs_fail_before_anything_is_written(tmp_path, overrides, match):
+  workdir = tmp_path / "run"
+  with pytest.raises(trainer.ConfigError, match=match):
+    trainer.train(tiny_config(**overrides), workdir)
+  assert not workdir.exists()  # no workdir, config.json, metrics or TensorBoard files
+
+
 def test_cli_rejects_unknown_and_ill_typed_overrides(tmp_path):
-  for flag, needle in (("--config.num_stepz=3", "num_stepz"),
-                       ("--config.num_steps=three", "num_steps")):
+  for flag, needle in (("--config.num_stepz=3", "the config has no field 'num_stepz'"),
+                       ("--config.num_steps=three", "num_steps"),
+                       ("--config.optimizer.peak_lr=-1.0", "peak_lr=-1.0 must be > 0")):
     r = subprocess.run([sys.executable, "-m", "matquant_jax.train", "--config=configs/tiny_qat.py",
-                        f"--workdir={tmp_path}", flag], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode != 0
+                        f"--workdir={tmp_path / 'w'}", flag], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
     assert needle in r.stderr
+    # One line for the user, no traceback.
+    lines = [l for l in r.stderr.splitlines() if needle.split("'")[0] in l]
+    assert lines and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def test_aot_only_compiles_without_weights_or_data(tmp_path, capsys):
