@@ -120,8 +120,21 @@ def main(argv=None) -> int:
   from matquant_jax.evaluation import plots, report, sweep
   from matquant_jax.quant.plan import PrecisionPlan
 
+  from matquant_jax import cli
   from matquant_jax.evaluation import search as search_lib
-  bits = [int(b) for b in args.bits.split(",") if b]
+  for name, minimum in (("batch_size", 1), ("ppl_seq_len", 2), ("ppl_max_tokens", 1),
+                        ("ppl_max_documents", 1), ("task_max_examples", 1),
+                        ("search_tokens", 1), ("search_max_evals", 1)):
+    value = getattr(args, name)
+    if value is not None and value < minimum:
+      ap.error(f"--{name}={value} must be >= {minimum}.")
+  try:
+    bits = [int(b) for b in args.bits.split(",") if b.strip()]
+  except ValueError:
+    ap.error(f"--bits={args.bits!r}: give comma-separated widths, e.g. 8,6,4,3,2.")
+  bad = [b for b in bits if not 1 <= b <= 8]
+  if bad:
+    ap.error(f"--bits={args.bits!r}: widths {bad} are outside 1..8.")
   mix = [m.strip() for m in _split_mix(args.mix) if m.strip()]
   try:
     budgets = _search_budgets(mix)
@@ -142,7 +155,10 @@ def main(argv=None) -> int:
     kind, _, path = spec.partition("=")
     if kind not in KINDS or not path:
       ap.error(f"--checkpoint {spec!r}: use KIND=PATH with KIND in {KINDS}.")
-    ckpt = MatQuantCheckpoint.load(path)
+    try:
+      ckpt = MatQuantCheckpoint.load(path)
+    except cli.user_errors() as e:
+      ap.error(f"--checkpoint {spec!r}: {e}")
     plans = _plans_for(kind, ckpt, bits, mix)
     for p, _ in plans:  # fail before any evaluation, naming the bad plan
       try:
