@@ -316,3 +316,19 @@ def test_calibration_sample_and_host_weights(tiny):
   assert all(isinstance(x, np.ndarray) and x.dtype == np.dtype("bfloat16") for x in leaves)
   with pytest.raises(calibration.ConfigError, match="final_params"):
     pipeline.host_params(tiny.tiny_config(init="run:/nonexistent"), setup.model)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"tokenizer": "/nonexistent/tok.model"}, "config.tokenizer"),
+    ({"init": "hf:/nonexistent"}, "config.init='hf:/nonexistent'"),
+    ({"data.source": "text:/nonexistent.txt"}, "config.data.source"),
+    ({"calibration.steps_per_block": -5}, "steps_per_block=-5 must be >= 0"),
+    ({"calibration.b2": 1.5}, "b2=1.5"),
+    ({"calibration.lr": float("nan")}, "lr=nan"),
+])
+def test_bad_inputs_fail_before_anything_is_written(tmp_path, overrides, match):
+  from tests.calibration.conftest import tiny_config
+  c = tiny_config(**overrides)
+  with pytest.raises(calibration.ConfigError, match=match):
+    pipeline.run(c, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
