@@ -31,7 +31,7 @@ import dataclasses
 import pathlib
 import sys
 
-KINDS = ("matquant", "single_precision", "extra_precision", "baseline")
+KINDS = ("matquant", "single_precision", "extra_precision", "baseline")  # --minmax adds MinMax
 MIX_KINDS = ("matquant", "extra_precision")  # --mix plans are evaluated on these
 DEFAULT_TASKS = "arc_challenge,arc_easy,boolq,hellaswag,piqa,winogrande"
 
@@ -93,6 +93,10 @@ def main(argv=None) -> int:
                        "'auto' (default) finds the one next to the first checkpoint or --bf16")
   ap.add_argument("--out", required=True)
   ap.add_argument("--bits", default="8,6,4,3,2")
+  ap.add_argument("--minmax", action="store_true",
+                  help="also evaluate the --bf16 model under plain per-channel MinMax at every "
+                       "--bits width, no training (Fig. 1b's MinMax rows)")
+  ap.add_argument("--minmax_scope", default="ffn", choices=("ffn", "attn", "ffn+attn"))
   ap.add_argument("--mix", default="", help="Mix'n'Match specs, e.g. pyramid@3.0,search@3.0 or "
                   "a plan string (see the module docstring)")
   ap.add_argument("--search_source", default="", help="calibration text of search@ plans; "
@@ -177,6 +181,8 @@ def main(argv=None) -> int:
     entries.append((kind, ckpt, plans))
   if not entries and not args.bf16:
     ap.error("nothing to evaluate: pass --checkpoint KIND=PATH and/or --bf16.")
+  if args.minmax and not args.bf16:
+    ap.error("--minmax quantizes the float model: pass it with --bf16=<weights>.")
   bf16_source = None
   if args.bf16:
     try:
@@ -207,6 +213,9 @@ def main(argv=None) -> int:
     rec = sweep.plan_record("bf16", PrecisionPlan.bf16(), 16.0)
     rec.update(sweep.evaluate_params(config, params, tok, options))
     records.append(rec)
+    if args.minmax:
+      records += sweep.evaluate_minmax(config, params, tok, bits, scope=args.minmax_scope,
+                                       options=options)
     del params
   for kind, ckpt, plans in entries:
     for method in dict.fromkeys(m for _, m in plans):

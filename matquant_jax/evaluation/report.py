@@ -20,11 +20,11 @@ import json
 import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
-METHOD_ORDER = ("bf16", "sliced_int8", "baseline", "omniquant_baseline", "matquant",
+METHOD_ORDER = ("bf16", "minmax", "sliced_int8", "baseline", "omniquant_baseline", "matquant",
                 "omniquant_matquant", "single_precision", "extra_precision", "mix_n_match",
                 "mix_n_match_search")
 METHOD_LABELS = {
-    "bf16": "bf16", "sliced_int8": "Sliced int8", "baseline": "Baseline",
+    "bf16": "bf16", "minmax": "MinMax", "sliced_int8": "Sliced int8", "baseline": "Baseline",
     "omniquant_baseline": "OmniQuant Baseline", "matquant": "MatQuant",
     "omniquant_matquant": "OmniQuant MatQuant", "single_precision": "Single Precision",
     "extra_precision": "Extra Precision", "mix_n_match": "Mix'n'Match",

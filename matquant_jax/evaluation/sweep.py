@@ -99,3 +99,39 @@ def evaluate_checkpoint(checkpoint: str | MatQuantCheckpoint, plans: Sequence[st
         f"({time.time() - t0:.1f}s)")
     records.append(rec)
   return records
+
+
+def minmax_params(config, params, bits: int, scope: str = "ffn", dtype=jnp.float32):
+  """The float model with every `scope` kernel replaced by its plain per-channel MinMax(r)
+  quantization, dequantized (Fig. 1b's "MinMax" curve: no training, no slicing)."""
+  from matquant_jax.checkpoints import _common
+  from matquant_jax.checkpoints.matquant_checkpoint import quantized_paths
+  from matquant_jax.models.config import QUANT_REDUCE_AXES
+  from matquant_jax.quant.plan import Scope
+  from matquant_jax.quant.qtensor import QTensor
+  flat = _common.flatten_tree(params)
+  for name in quantized_paths(config, Scope(scope)):
+    qt = QTensor.quantize(jnp.asarray(flat[name], jnp.float32), bits,
+                          QUANT_REDUCE_AXES[name.split("/")[-2]])
+    flat[name] = qt.dequantize(dtype)
+  return _common.unflatten_tree(flat)
+
+
+def evaluate_minmax(config, params, tokenizer, bits: Sequence[int], *, scope: str = "ffn",
+                    options: EvalOptions = EvalOptions(),
+                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """One "minmax" record per width: the float model under plain MinMax(r), evaluated."""
+  records = []
+  for r in bits:
+    t0 = time.time()
+    plan = PrecisionPlan.uniform(r, scope, parent_bits=r)
+    rec = plan_record("minmax", plan, float(r))
+    rec.update(evaluate_params(config, minmax_params(config, params, r, scope, options.dtype),
+                               tokenizer, options))
+    log(f"  {'minmax':>16} {str(plan):<28} eff. bits {float(r):.3f}  " +
+        (f"log pplx {rec['log_pplx']:.4f}  " if "log_pplx" in rec else "") +
+        (f"task avg {rec['task_avg']:.2f}  " if "task_avg" in rec else "") +
+        f"({time.time() - t0:.1f}s)")
+    records.append(rec)
+    gc.collect()
+  return records

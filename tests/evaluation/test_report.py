@@ -125,3 +125,21 @@ def test_evaluate_cli_searched_and_saved_plans(tiny_checkpoint, tmp_path):
   assert len(searched) == 2 and {r["extra_precision"] for r in searched} == {False, True}
   assert all(r["plan"].startswith("ffn:[") and r["label"].startswith("Mix'n'Match search")
              for r in searched)
+
+
+def test_minmax_rows_are_the_float_model_under_plain_minmax(tiny_checkpoint):
+  """Fig. 1b's MinMax curve: the float model's FFN kernels under MinMax(r), no training; equal
+  to serving the float weights at the plan ffn:int<r>:parent=<r> (the model's own fake quant)."""
+  from matquant_jax.evaluation import perplexity
+  d, tok = tiny_checkpoint
+  cfg = get_config("tiny_gemma2")
+  params = init_params(cfg, jax.random.key(0))
+  opts = sweep.EvalOptions(ppl_source="kjv", ppl_seq_len=64, ppl_max_tokens=1000, tasks=(),
+                           batch_size=8)
+  recs = sweep.evaluate_minmax(cfg, params, tok, [8, 2], options=opts, log=lambda *_: None)
+  assert [(r["method"], r["bits"], r["plan"]) for r in recs] == [
+      ("minmax", 8, "ffn:int8"), ("minmax", 2, "ffn:int2:parent=2")]
+  direct = perplexity.log_perplexity(cfg, params, tok, "kjv", plan="ffn:int2:parent=2",
+                                     seq_len=64, batch_size=8, max_tokens=1000)
+  assert recs[1]["log_pplx"] == pytest.approx(direct["log_pplx"], rel=1e-5)
+  assert recs[1]["log_pplx"] > recs[0]["log_pplx"]
