@@ -157,7 +157,7 @@ def check_finite(w, name: str, reduce_axes: int | Sequence[int] | None = None) -
     axes = validation.normalize_axes(reduce_axes, arr.ndim)
     channel = tuple(i for k, i in enumerate(first) if k not in axes)
     where = f"output channel {channel} (entry {first})"
-  raise ValueError(f"{name} has {len(bad)} non-finite value(s) ({arr[first]} at {where}): "
+  raise ValueError(f"{name}: {len(bad)} non-finite value(s) ({arr[first]} at {where}): "
                    f"MinMax quantization needs finite weights; fix or re-export the source "
                    f"checkpoint.")
 

@@ -44,7 +44,7 @@ class QTensor:
     Concrete (non-traced) weights with NaN or ±inf are refused (minmax.check_finite)."""
     bits = validation.check_bits(bits)
     axes = validation.normalize_axes(reduce_axes, jnp.ndim(w))
-    minmax.check_finite(w, "the weights", axes)
+    minmax.check_finite(w, "QTensor.quantize weights", axes)
     alpha, zero = minmax.minmax_params(w, bits, axes, gamma=gamma, beta=beta,
                                        round_zero=round_zero)
     codes = minmax.quantize(w, alpha, zero, bits)
