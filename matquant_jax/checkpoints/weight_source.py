@@ -82,7 +82,12 @@ def architecture(spec: str | WeightSource) -> TransformerConfig:
     from matquant_jax.checkpoints import safetensors_io  # pylint: disable=g-import-not-at-top
     from matquant_jax.models import hf_mapping  # pylint: disable=g-import-not-at-top
     d = safetensors_io.read_hf_config(src.path)
-    return safetensors_io._matching_preset(hf_mapping.config_from_hf_config(d))  # pylint: disable=protected-access
+    try:
+      config = hf_mapping.config_from_hf_config(d)
+    except (KeyError, TypeError, ValueError) as e:
+      from matquant_jax.checkpoints._common import CheckpointError  # pylint: disable=g-import-not-at-top
+      raise CheckpointError(f"{src.path / safetensors_io.CONFIG_FILE}: {e}") from None
+    return safetensors_io._matching_preset(config)  # pylint: disable=protected-access
   if src.kind == "mistral":
     from matquant_jax.checkpoints import mistral_consolidated as mc  # pylint: disable=g-import-not-at-top
     from matquant_jax.checkpoints import safetensors_io  # pylint: disable=g-import-not-at-top

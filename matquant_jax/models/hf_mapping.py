@@ -356,6 +356,18 @@ def _first_id(value, default: int) -> int:
   return int(value)
 
 
+def _int_field(d: Mapping[str, Any], key: str, default: int | None = None) -> int:
+  """A positive integer field of config.json, or ValueError naming it."""
+  value = d.get(key)
+  if value is None:
+    if default is None:
+      raise ValueError(f"config.json lacks {key!r}.")
+    return default
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"config.json field {key}={value!r} must be a positive integer.")
+  return value
+
+
 def config_from_hf_config(d: Mapping[str, Any], *, name: str | None = None,
                           num_embed: int | None = None) -> TransformerConfig:
   """A TransformerConfig from a transformers config.json dict (Gemma2, Mistral, Llama).
@@ -374,14 +386,14 @@ def config_from_hf_config(d: Mapping[str, Any], *, name: str | None = None,
   if model_type not in _ARCHITECTURES:
     raise ValueError(f"unsupported HF model_type {model_type!r}: expected one of "
                      f"{', '.join(_ARCHITECTURES)}.")
-  heads = int(d["num_attention_heads"])
-  hidden = int(d["hidden_size"])
-  layers = int(d["num_hidden_layers"])
+  heads = _int_field(d, "num_attention_heads")
+  hidden = _int_field(d, "hidden_size")
+  layers = _int_field(d, "num_hidden_layers")
   common = dict(
       name=name or d.get("_name_or_path") or model_type,
-      num_layers=layers, embed_dim=hidden, hidden_dim=int(d["intermediate_size"]),
-      num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
-      head_dim=int(d.get("head_dim") or hidden // heads), vocab_size=int(d["vocab_size"]),
+      num_layers=layers, embed_dim=hidden, hidden_dim=_int_field(d, "intermediate_size"),
+      num_heads=heads, num_kv_heads=_int_field(d, "num_key_value_heads", heads),
+      head_dim=_int_field(d, "head_dim", hidden // heads), vocab_size=_int_field(d, "vocab_size"),
       num_embed=num_embed, rope_base=_rope_base(d), norm_eps=float(d.get("rms_norm_eps", 1e-6)),
       bos_id=_first_id(d.get("bos_token_id"), 2 if model_type == _GEMMA2 else 1),
       eos_id=_first_id(d.get("eos_token_id"), 1 if model_type == _GEMMA2 else 2),
