@@ -37,13 +37,19 @@ from matquant_jax.quant import minmax
 from matquant_jax.quant import validation
 
 
+def _pow2(n):
+  """2^n for a non-negative int (or traced int32) n, exactly, as float32 (an integer shift:
+  jnp.exp2 need not be exact on every backend)."""
+  return jnp.left_shift(jnp.int32(1), jnp.asarray(n, jnp.int32)).astype(jnp.float32)
+
+
 def _slice_float(q, bits, parent_bits, extra_precision):
   """S(q, r) on integer-valued float codes; `bits` may be a traced int32 scalar."""
-  r = jnp.asarray(bits, jnp.float32)
-  step = jnp.exp2(parent_bits - r)  # 2^(c−r), exact for integer r
+  r = jnp.asarray(bits, jnp.int32)
+  step = _pow2(parent_bits - r)  # 2^(c−r)
   idx = jnp.floor(q / step + 0.5)
   if not extra_precision:
-    idx = jnp.minimum(idx, jnp.exp2(r) - 1)
+    idx = jnp.minimum(idx, _pow2(r) - 1)
   return idx, idx * step
 
 
@@ -59,9 +65,9 @@ def _in_range(ru, q, bits, parent_bits, extra_precision):
   # u = 2^c − 1 + ε after float error and must keep its gradient.
   m = (ru >= 0) & (ru <= 2**parent_bits - 1)
   if not extra_precision:
-    r = jnp.asarray(bits, jnp.float32)
-    idx = jnp.floor(q / jnp.exp2(parent_bits - r) + 0.5)
-    m = m & (idx <= jnp.exp2(r) - 1)
+    r = jnp.asarray(bits, jnp.int32)
+    idx = jnp.floor(q / _pow2(parent_bits - r) + 0.5)
+    m = m & (idx <= _pow2(r) - 1)
   return m
 
 

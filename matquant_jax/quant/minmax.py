@@ -137,8 +137,12 @@ def round_codes(w: jax.Array, alpha: jax.Array, zero: jax.Array) -> jax.Array:
   alpha = jnp.asarray(alpha, jnp.float32)
   zero = jnp.asarray(zero, jnp.float32)
   q = round_half_up(wf / alpha + zero)
-  q = q - jnp.where(_at_or_above(wf, alpha, zero, q - 0.5), 0.0, 1.0)
-  return q + jnp.where(_at_or_above(wf, alpha, zero, q + 0.5), 1.0, 0.0)
+  # The exact test splits α into halves with 4097·α, which overflows beyond ~8e34: scale w
+  # and α by 2^-64 there (a power of two: exact, and the sign of w − α·(t − z) is unchanged).
+  s = jnp.where(jnp.maximum(jnp.abs(wf), alpha) > 2.0**100, 2.0**-64, 1.0)
+  ws, alphas = wf * s, alpha * s
+  q = q - jnp.where(_at_or_above(ws, alphas, zero, q - 0.5), 0.0, 1.0)
+  return q + jnp.where(_at_or_above(ws, alphas, zero, q + 0.5), 1.0, 0.0)
 
 
 def check_finite(w, name: str, reduce_axes: int | Sequence[int] | None = None) -> None:

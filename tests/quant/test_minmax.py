@@ -174,3 +174,11 @@ def test_non_finite_weights_are_refused_by_channel(bad):
   w[2, 3] = bad
   with pytest.raises(ValueError, match=r"non-finite.*output channel \(3,\)"):
     QTensor.quantize(jnp.asarray(w), 8, 0)
+
+
+def test_huge_channels_match_the_reference():
+  # Values near float32's maximum: the exact tie test must not overflow (found by review).
+  w = jnp.asarray(np.random.default_rng(3).uniform(-3.3e38, 3.3e38, (128, 128)).astype(np.float32))
+  alpha, zero = minmax.minmax_params(w, 8, 0)
+  ref, _ = _reference_codes(w, alpha, zero)
+  np.testing.assert_array_equal(np.asarray(minmax.quantize(w, alpha, zero, 8)), ref)
