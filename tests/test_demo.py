@@ -30,6 +30,8 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch):
   assert [r["budget"] for r in swept] == [3.0, 4.0] and all("held_out_log_pplx" in r for r in swept)
   assert {r["bits"] for r in table if r["method"] == "omniquant_matquant"} == {8, 4, 2}
   for r in table:
-    assert {"method", "bits", "effective_bits", "log_pplx", "tasks"} <= set(r)
+    assert {"method", "bits", "effective_bits", "log_pplx"} <= set(r)
+    # Mix'n'Match rows are scored by log pplx alone (the demo's time budget).
+    assert "tasks" in r or r["method"] in ("mix_n_match", "mix_n_match_search")
   for png in ("code_histograms.png", "quality_vs_bits.png", "mixnmatch_front.png"):
     assert (tmp_path / "out" / png).stat().st_size > 10_000
