@@ -339,11 +339,9 @@ class Sensitivity:
 
 def kernel_bytes(ckpt: MatQuantCheckpoint, widths: dict[str, int]) -> int:
   """Bytes of the quantized kernels served at `widths`: packed r-bit codes plus α and z."""
-  total = 0
-  for name, qt in ckpt.qtensors.items():
-    total += -(-qt.size * widths.get(name, ckpt.parent_bits) // 8)
-    total += STAT_BYTES * int(np.prod(qt.scale.shape))
-  return total
+  codes = sum(-(-qt.size * widths.get(name, ckpt.parent_bits) // 8)
+              for name, qt in ckpt.qtensors.items())
+  return codes + _stat_bytes(ckpt)
 
 
 def _stat_bytes(ckpt: MatQuantCheckpoint) -> int:
@@ -405,7 +403,7 @@ def measure_sensitivity(ckpt: MatQuantCheckpoint, scorer: PlanScorer, granularit
 
 def _plan_of(ckpt: MatQuantCheckpoint, sens: Sensitivity, levels: Sequence[int],
              extra_precision: bool) -> PrecisionPlan:
-  per_kernel = {p: sens.widths[j] for u, j in zip(sens.units, levels) for p in u.names}
+  per_kernel = _widths_of(sens, levels)
   order = [n for _, n in plan_kernels(ckpt.scope)]
   entries = []
   for layer in range(ckpt.config.num_layers):
