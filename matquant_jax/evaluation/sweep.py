@@ -93,12 +93,16 @@ def evaluate_checkpoint(checkpoint: str | MatQuantCheckpoint, plans: Sequence[st
     rec.update(evaluate_params(ckpt.config, params, tokenizer, options))
     del params
     gc.collect()
-    log(f"  {method:>16} {str(plan):<28} eff. bits {rec['effective_bits']:.3f}  " +
-        (f"log pplx {rec['log_pplx']:.4f}  " if "log_pplx" in rec else "") +
-        (f"task avg {rec['task_avg']:.2f}  " if "task_avg" in rec else "") +
-        f"({time.time() - t0:.1f}s)")
+    _log_record(log, method, plan, rec, t0)
     records.append(rec)
   return records
+
+
+def _log_record(log, method: str, plan, rec: dict[str, Any], t0: float) -> None:
+  log(f"  {method:>16} {str(plan):<28} eff. bits {rec['effective_bits']:.3f}  " +
+      (f"log pplx {rec['log_pplx']:.4f}  " if "log_pplx" in rec else "") +
+      (f"task avg {rec['task_avg']:.2f}  " if "task_avg" in rec else "") +
+      f"({time.time() - t0:.1f}s)")
 
 
 def minmax_params(config, params, bits: int, scope: str = "ffn", dtype=jnp.float32):
@@ -128,10 +132,7 @@ def evaluate_minmax(config, params, tokenizer, bits: Sequence[int], *, scope: st
     rec = plan_record("minmax", plan, float(r))
     rec.update(evaluate_params(config, minmax_params(config, params, r, scope, options.dtype),
                                tokenizer, options))
-    log(f"  {'minmax':>16} {str(plan):<28} eff. bits {float(r):.3f}  " +
-        (f"log pplx {rec['log_pplx']:.4f}  " if "log_pplx" in rec else "") +
-        (f"task avg {rec['task_avg']:.2f}  " if "task_avg" in rec else "") +
-        f"({time.time() - t0:.1f}s)")
+    _log_record(log, "minmax", plan, rec, t0)
     records.append(rec)
     gc.collect()
   return records
