@@ -37,6 +37,7 @@ from matquant_jax.training import objectives as objectives_lib
 from matquant_jax.training import optimizer as optimizer_lib
 from matquant_jax.training import sharding as sharding_lib
 from matquant_jax.training.config import ConfigError
+from matquant_jax.training.config import check_inputs
 
 COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -175,13 +176,6 @@ def _check_optimizer(o: ml_collections.ConfigDict) -> None:
   if o.grad_clip_norm is not None and not (finite("grad_clip_norm") > 0):
     raise ConfigError(f"config.optimizer.grad_clip_norm={o.grad_clip_norm} must be > 0, or "
                       f"unset (None) for no clipping.")
-
-
-def preflight(config: ml_collections.ConfigDict, model: model_config_lib.TransformerConfig
-              ) -> None:
-  """Checks what a run will read before it writes a file or compiles (config.check_inputs)."""
-  from matquant_jax.training import config as config_lib
-  config_lib.check_inputs(config, model)
 
 
 def resolve_model(config: ml_collections.ConfigDict) -> model_config_lib.TransformerConfig:
@@ -506,7 +500,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   workdir = pathlib.Path(workdir).absolute()
   setup = resolve(config)
   if not config.aot_only:
-    preflight(config, setup.model)
+    check_inputs(config, setup.model)  # before any file is written
   dcfg = data_config(config)
   workdir.mkdir(parents=True, exist_ok=True)
   log = metrics_lib.MetricsLogger(workdir, setup.num_steps, prefix=config.run_name)
