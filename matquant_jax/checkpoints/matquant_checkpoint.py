@@ -396,13 +396,6 @@ class MatQuantCheckpoint:
                          name.split("/")[-2])
     return self.parent_bits if bits is None else bits
 
-  def qtensors_for(self, plan: PrecisionPlan, *, allow_clamped: bool = False
-                   ) -> dict[str, QTensor]:
-    """Each quantized kernel's QTensor at the plan's width for its layer."""
-    self.check_plan(plan, allow_clamped=allow_clamped)
-    return {n: qt.slice(self.slice_bits(plan, n), extra_precision=plan.extra_precision)
-            for n, qt in self.qtensors.items()}
-
   def params_for(self, plan: PrecisionPlan, dtype: Any = jnp.bfloat16, *,
                  allow_clamped: bool = False) -> dict[str, Any]:
     """The model's param tree with every quantized kernel dequantized at the plan's width."""
@@ -427,14 +420,6 @@ class MatQuantCheckpoint:
       total_bits += s.effective_bits() * qt.size
       total += qt.size
     return total_bits / total if total else 16.0
-
-  @property
-  def stored_bytes(self) -> int:
-    """Bytes of the arrays (codes, α, z and floats) as stored."""
-    q = sum(qt.nbytes for qt in self.qtensors.values())
-    f = sum(int(v.size) * v.dtype.itemsize for v in self.floats.values())
-    return q + f
-
 
 _DEQUANT_CACHE: dict = {}
 

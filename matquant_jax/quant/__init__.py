@@ -1,5 +1,5 @@
 """Pure-JAX MatQuant numerics: MinMax quantizer, slicing S(q, r), STE fake-quant, QTensor,
-sub-byte packing, precision plans and code statistics. No Flax modules here.
+precision plans and code statistics. No Flax modules here.
 
 `quant.fake_quant` is the submodule (the STE op is `quant.fake_quant.fake_quant`, also exported
 as `matquant_jax.fake_quant`): re-exporting the function here would shadow the module.
@@ -11,9 +11,6 @@ from matquant_jax.quant.minmax import lwc_factor
 from matquant_jax.quant.minmax import minmax_params
 from matquant_jax.quant.minmax import quantize
 from matquant_jax.quant.minmax import round_half_up
-from matquant_jax.quant.packing import pack_codes
-from matquant_jax.quant.packing import packed_length
-from matquant_jax.quant.packing import unpack_codes
 from matquant_jax.quant.plan import PrecisionPlan
 from matquant_jax.quant.plan import Scope
 from matquant_jax.quant.plan import Strategy
@@ -28,7 +25,7 @@ from matquant_jax.quant.stats import tree_code_histograms
 
 __all__ = [
     "PrecisionPlan", "QTensor", "Scope", "Strategy", "code_histogram", "dequantize",
-    "extra_bucket_fraction", "extra_precision_effective_bits", "fake_quant", "histogram_summary", "lwc_factor", "minmax_params", "pack_codes",
-    "packed_length", "quantize", "round_half_up", "slice_codes", "slice_index",
-    "tree_code_histograms", "unpack_codes",
+    "extra_bucket_fraction", "extra_precision_effective_bits", "fake_quant", "histogram_summary",
+    "lwc_factor", "minmax_params", "quantize", "round_half_up", "slice_codes", "slice_index",
+    "tree_code_histograms",
 ]

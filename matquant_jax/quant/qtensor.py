@@ -21,7 +21,6 @@ import numpy as np
 from flax import struct
 
 from matquant_jax.quant import minmax
-from matquant_jax.quant import packing
 from matquant_jax.quant import slicing
 from matquant_jax.quant import validation
 
@@ -94,16 +93,15 @@ class QTensor:
 
   @property
   def packed_nbytes(self) -> int:
-    """Bytes when the codes are packed at their width (packing.py), plus α and z.
+    """Bytes when the codes are packed at their width, plus α and z.
 
+    ⌈size · w / 8⌉ code bytes for w = r (r + 1 for an extra-precision slice): what the serving
+    layout (serving/layouts.py) stores, up to its padding of the contraction axis to whole bytes.
     An extra-precision slice is counted densely at r + 1 bits per weight: the paper's
     r + (fraction in the extra bucket) needs a sparse side table (see effective_bits).
     """
     width = self.bits + (1 if self.extra_precision else 0)
-    if self.ndim == 0:
-      code_bytes = 1
-    else:
-      code_bytes = (self.size // self.shape[-1]) * packing.packed_length(self.shape[-1], width)
+    code_bytes = -(-self.size * width // 8)
     return int(code_bytes + self.scale.size * self.scale.dtype.itemsize +
                self.zero.size * self.zero.dtype.itemsize)
 

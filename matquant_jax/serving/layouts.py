@@ -61,8 +61,8 @@ of Kp/p), lowest bits first:
     2-bit, Kp = 8:  byte[0] = c[0] | c[2]<<2 | c[4]<<4 | c[6]<<6
                     byte[1] = c[1] | c[3]<<2 | c[5]<<4 | c[7]<<6
 
-Why planar rather than "byte j holds rows p·j .. p·j + p − 1" (quant/packing.py's storage
-layout): sub-code s of a tile of bytes is the contiguous row range s·Kp/p + [j0, j0 + t), so a
+Why planar rather than "byte j holds rows p·j .. p·j + p − 1" (a plain little-endian bit
+stream): sub-code s of a tile of bytes is the contiguous row range s·Kp/p + [j0, j0 + t), so a
 kernel computes `(tile >> w·s) & mask` and multiplies it with the matching *contiguous* slice of
 x, with no interleaving shuffle in registers; the XLA fallback unpacks with p shifts and one
 concatenate. The layout does not depend on any kernel block size.

@@ -50,14 +50,6 @@ def _as_plan(plan: PrecisionPlan | str) -> PrecisionPlan:
   return plan if isinstance(plan, PrecisionPlan) else PrecisionPlan.parse(plan)
 
 
-def _nest(path: str, leaf: Any) -> dict:
-  """'a/b/c' -> {'a': {'b': {'c': leaf}}}."""
-  out = leaf
-  for part in reversed(path.split("/")):
-    out = {part: out}
-  return out
-
-
 def _get(tree: Mapping, path: str) -> Any:
   for part in path.split("/"):
     tree = tree[part]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 from typing import Mapping
 
@@ -107,6 +106,3 @@ def _hms(seconds: float) -> str:
   m, s = divmod(rem, 60)
   return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
-
-def eprint(*args) -> None:
-  print(*args, file=sys.stderr, flush=True)

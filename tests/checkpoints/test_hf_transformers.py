@@ -5,7 +5,6 @@ Skipped when torch/transformers (the `parity` extra) are not installed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -22,10 +21,6 @@ from matquant_jax.checkpoints import save_gemma_flax_checkpoint  # noqa: E402
 from matquant_jax.checkpoints import save_hf_checkpoint  # noqa: E402
 from matquant_jax.checkpoints import save_mistral_consolidated  # noqa: E402
 from matquant_jax.models import hf_mapping  # noqa: E402
-
-_HAVE_MODEL = importlib.util.find_spec("matquant_jax.models.transformer") is not None
-needs_model = pytest.mark.skipif(
-    not _HAVE_MODEL, reason="matquant_jax.models.transformer.Transformer is not written yet")
 
 FAMILIES = ["tiny_gemma2", "tiny_mistral", "tiny_llama"]
 HF_CLASS = {"gemma2": "Gemma2ForCausalLM", "mistral": "MistralForCausalLM",
@@ -99,7 +94,6 @@ def _hf_logits(model, tokens):
     return model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
 
 
-@needs_model
 @pytest.mark.parametrize("name", FAMILIES)
 def test_logits_match_transformers_through_hf_reader(tmp_path, helpers, name):
   config = helpers.tiny(name)
@@ -113,7 +107,6 @@ def test_logits_match_transformers_through_hf_reader(tmp_path, helpers, name):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-@needs_model
 def test_logits_match_transformers_through_consolidated_reader(tmp_path, helpers):
   config = helpers.tiny("tiny_mistral")
   model = _hf_model(config)
@@ -127,7 +120,6 @@ def test_logits_match_transformers_through_consolidated_reader(tmp_path, helpers
                              _hf_logits(model, tokens), atol=1e-4, rtol=0)
 
 
-@needs_model
 @pytest.mark.parametrize("transpose_gating", [False, True])
 def test_logits_match_transformers_through_gemma_reader(tmp_path, helpers, transpose_gating):
   config = helpers.tiny("tiny_gemma2")

@@ -7,7 +7,6 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from matquant_jax.quant import fake_quant as fq
-from matquant_jax.quant import packing
 from matquant_jax.quant.qtensor import QTensor
 
 
@@ -28,11 +27,12 @@ def test_sharded_equals_unsharded(mesh, spec):
     qt = QTensor.quantize(w, 8, 0)
     s2 = qt.slice(2)
     return (qt.codes, s2.dequantize(), qt.slice(2, extra_precision=True).codes,
-            fq.fake_quant(w, 4), jax.grad(lambda w: jnp.sum(fq.fake_quant(w, 2) ** 2))(w),
-            packing.pack_codes(s2.indices(), 2, axis=0))
+            fq.fake_quant(w, 4), jax.grad(lambda w: jnp.sum(fq.fake_quant(w, 2) ** 2))(w))
 
   want = jax.jit(everything)(w)
   got = jax.jit(everything)(ws)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert got[1].sharding.num_devices == 8 or got[1].sharding.is_fully_replicated
+  # Elementwise results keep the input's layout: the sharded path never gathers the weights.
+  for a in got[1:]:
+    assert a.sharding.is_equivalent_to(ws.sharding, a.ndim), (spec, a.sharding)
