@@ -20,7 +20,6 @@ summary line with MatQuant ÷ bf16 step and MatQuant ÷ baseline peak memory per
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys

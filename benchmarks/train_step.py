@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from matquant_jax.training import aot
 from matquant_jax.training import metrics as metrics_lib
 from matquant_jax.training import sharding as sharding_lib
 from matquant_jax.training import trainer
@@ -50,7 +51,7 @@ def run_mode(args, mode: str) -> dict:
   t0 = time.perf_counter()
   jitted, compiled, shardings, _ = trainer.compile_step(setup, tx, schedule)
   compile_s = time.perf_counter() - t0
-  mem = trainer.memory_report(compiled)
+  mem = aot.memory_report(compiled)
   params = trainer.initial_params(c, setup, shardings.params, jax.random.key(0))
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   state = trainer.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),

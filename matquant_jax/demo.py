@@ -9,17 +9,19 @@ score) it:
   2. runs baseline QAT at int8, int6, int4, int3 and int2 (MinMax(r), trained at r), one
      MatQuant QAT run (R = {8, 4, 2}) and one OmniQuant-MatQuant calibration (block-wise
      LWC + LET, weights frozen), all starting from the pretrained model;
-  3. exports each as an int8-format checkpoint and evaluates: every baseline at its own width,
-     the int8 baseline sliced to 6/4/3/2 ("Sliced int8"), MatQuant sliced to 8/6/4/3/2 (6 and 3
-     were never trained: "interpolation"), the four Mix'n'Match strategies of MatQuant, and the
+  3. exports each as an int8-format checkpoint and evaluates it as soon as it is trained (two
+     stages at a time, in worker processes): every baseline at its own width, the int8
+     baseline sliced to 6/4/3/2 ("Sliced int8"), MatQuant sliced to 8/6/4/3/2 (6 and 3 were
+     never trained: "interpolation"), the four Mix'n'Match strategies of MatQuant, and the
      plans `python -m matquant_jax.mixnmatch` searches for the same budgets on training-split
      text ("Mix'n'Match search", also written to results/demo/mixnmatch_search.json);
   4. prints the table, writes results/demo/table.{json,md,csv} and the plots
-     results/demo/code_histograms.png and results/demo/quality_vs_bits.png.
+     results/demo/code_histograms.png, quality_vs_bits.png and mixnmatch_front.png.
 
 Scores: log perplexity on the KJV validation chapters (mean token NLL, nats) and the
 `kjv_verse_completion` 4-way multiple-choice task built from the same held-out chapters. Stages whose
-outputs exist in --workdir are reused; --fresh starts over.
+outputs exist in --workdir are reused (the summary's "reused"); --fresh starts over, and
+--train_only trains every stage without evaluating.
 """
 
 from __future__ import annotations
@@ -33,9 +35,6 @@ import pathlib
 import shutil
 import sys
 import time
-
-import jax
-import jax.numpy as jnp
 
 DEMO_MODEL = "demo_gemma2"
 BASELINE_BITS = (8, 6, 4, 3, 2)
@@ -118,46 +117,167 @@ def _omniquant_config(*, init: str, tokenizer: str, seq_len: int, steps: int):
 
 
 def _stage_done(wd: pathlib.Path, method: str) -> bool:
-  return (wd / "final_params").exists() and (method == "bf16" or (wd / "matquant_int8").exists())
+  """Whether a stage's outputs are complete: pretraining's weights, calibration's int8 export,
+  or both for QAT (Orbax renames final_params into place; the export writes metadata.json last)."""
+  export = "matquant_int8/metadata.json"
+  need = {"bf16": ("final_params",), "calibration": (export,)}.get(method, ("final_params", export))
+  return all((wd / f).exists() for f in need)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the stages measure: the module constants (and flags) at the time the demo starts,
+  passed to worker processes explicitly."""
+  model: str
+  baseline_bits: tuple[int, ...]
+  matquant_slices: tuple[int, ...]
+  mix_budgets: tuple[float, ...]
+  search_budgets: tuple[float, ...]
+  search_max_evals: int
+  search_tokens: int
+  seq_len: int
+  pretrain: str  # the pretraining workdir: tokenizer and bf16 weights
+
+
+def _stage(name: str, config, workdir: str, settings: Settings, options) -> dict:
+  """Trains one stage (unless `config` is None: an earlier demo finished it), then scores its
+  models (unless `options` is None). Module-level so a spawned worker process can run it."""
+  t0 = time.time()
+  if config is not None:
+    (_calibrate if name == "omniquant_matquant" else _train)(config, workdir)
+  out = {"name": name, "trained": config is not None, "records": [], "search": []}
+  if options is not None:
+    out.update(_evaluate_stage(name, pathlib.Path(workdir), settings, options))
+  out["seconds"] = round(time.time() - t0, 1)
+  return out
+
+
+def _evaluate_stage(name: str, wd: pathlib.Path, s: Settings, options) -> dict:
+  """The table's rows that come from stage `name`'s weights (held-out chapters)."""
+  from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
+  from matquant_jax.data.tokenizer import Tokenizer
+  from matquant_jax.evaluation import sweep
+  from matquant_jax.models import get_config
+  from matquant_jax.quant.plan import PrecisionPlan
+  import orbax.checkpoint as ocp
+
+  tok = Tokenizer.from_file(pathlib.Path(s.pretrain) / "tokenizer.model")
+  if name == "pretrain":
+    rec = sweep.plan_record("bf16", PrecisionPlan.bf16(), 16.0)
+    final = ocp.StandardCheckpointer().restore((wd / "final_params").absolute())
+    rec.update(sweep.evaluate_params(get_config(s.model), final, tok, options))
+    print(f"  {'bf16':>16} {'bf16':<28} log pplx {rec['log_pplx']:.4f}  task avg "
+          f"{rec['task_avg']:.2f}", flush=True)
+    return {"records": [rec]}
+  ckpt = MatQuantCheckpoint.load(wd / "matquant_int8")
+  if name.startswith("baseline_int"):
+    r = int(name[len("baseline_int"):])
+    records = sweep.evaluate_checkpoint(ckpt, [f"ffn:int{r}:parent={r}" if r < 8 else "ffn:int8"],
+                                        tok, method="baseline", options=options)
+    if r == 8:
+      records += sweep.evaluate_checkpoint(ckpt, [f"ffn:int{b}" for b in s.matquant_slices
+                                                  if b < 8], tok, method="sliced_int8",
+                                           options=options)
+    return {"records": records}
+  if name == "omniquant_matquant":
+    return {"records": sweep.evaluate_checkpoint(ckpt, ["ffn:int8", "ffn:int4", "ffn:int2"], tok,
+                                                 method="omniquant_matquant", options=options)}
+  return _evaluate_matquant(ckpt, tok, s, options)
+
+
+def _evaluate_matquant(mq, tok, s: Settings, options) -> dict:
+  """MatQuant's slices, the fixed Mix'n'Match layouts and the searched plans."""
+  from matquant_jax.evaluation import search, sweep
+
+  n = mq.config.num_layers
+  records = sweep.evaluate_checkpoint(mq, [f"ffn:int{r}" for r in s.matquant_slices], tok,
+                                      method="matquant", options=options)
+  # Mix'n'Match rows are compared by log pplx; the (chance-level) task is left out to keep the
+  # demo within its time budget.
+  ppl_only = dataclasses.replace(options, tasks=())
+  records += sweep.evaluate_checkpoint(
+      mq, [f"ffn:{st}@{b}" for b in s.mix_budgets for st in STRATEGIES], tok,
+      method="mix_n_match", options=ppl_only,
+      label_fn=lambda p: f"{p.strategy.value}@{p.budget:g} {list(p.layer_bits(n))}")
+  # Searched on the training split's text; scored, like every row, on the held-out chapters.
+  found, _ = search.run(mq, tok, s.search_budgets, search.SearchOptions(
+      source="kjv", split="train", seq_len=s.seq_len, tokens=s.search_tokens,
+      max_evals=s.search_max_evals))
+  # A searched plan that is uniform is the MatQuant slice evaluated above: its scores are reused.
+  by_plan = {rec["plan"]: rec for rec in records if rec["method"] == "matquant"}
+  swept = []
+  for r in found:
+    bits = set(r.plan.layer_bits(n))
+    same = by_plan.get(f"ffn:int{next(iter(bits))}") if len(bits) == 1 else None
+    if same is not None:
+      rec = {**same, **sweep.plan_record("mix_n_match_search", r.plan, r.effective_bits)}
+    else:
+      (rec,) = sweep.evaluate_checkpoint(mq, [r.plan], tok, method="mix_n_match_search",
+                                         options=ppl_only)
+    rec["label"] = f"search@{r.budget:g} {list(r.plan.layer_bits(n))}"
+    swept.append(r.to_json() | {"held_out_log_pplx": rec["log_pplx"], "record": rec})
+    if r.budget in s.mix_budgets:
+      records.append(rec)
+  return {"records": records, "search": swept}
+
+
+# The table's row order.
+METHOD_ORDER = ("bf16", "baseline", "sliced_int8", "matquant", "omniquant_matquant", "mix_n_match",
+                "mix_n_match_search")
+
+
+def _run_stages(jobs: list[tuple], workers: int) -> list[dict]:
+  """Every stage job, `workers` at a time (tiny models leave a core idle during a step).
+
+  A failed stage stops the demo as soon as it fails (the others are cancelled; finished stages
+  stay in --workdir and are reused by the next run)."""
+  if workers <= 1:
+    return [_stage(*job) for job in jobs]
+  # Configs are built here, so the workers only import the library.
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    futures = {pool.submit(_stage, *job): job[0] for job in jobs}
+    for f in concurrent.futures.as_completed(futures):
+      if f.exception() is not None:
+        for other in futures:
+          other.cancel()
+        raise RuntimeError(f"demo stage {futures[f]!r} failed (its traceback is above); "
+                           f"rerun the demo to reuse the stages that finished") from f.exception()
+    return [f.result() for f in futures]
 
 
 def run(args) -> dict:
-  from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
-  from matquant_jax.data.tokenizer import Tokenizer
-  from matquant_jax.evaluation import plots, report, search, sweep
-  from matquant_jax.models import get_config
-  from matquant_jax.quant import stats
-  from matquant_jax.quant.plan import PrecisionPlan
-  from matquant_jax.training import trainer
-  import orbax.checkpoint as ocp
-
+  """The demo (see the module docstring); returns the summary it prints last."""
   t_start = time.time()
   work = pathlib.Path(args.workdir).absolute()
   out = pathlib.Path(args.out).absolute()
   if args.fresh and work.exists():
     shutil.rmtree(work)
   work.mkdir(parents=True, exist_ok=True)
-  out.mkdir(parents=True, exist_ok=True)
-  common = dict(seq_len=args.seq_len, batch=args.batch)
+  pre = work / "pretrain"
+  s = Settings(model=DEMO_MODEL, baseline_bits=tuple(BASELINE_BITS),
+               matquant_slices=tuple(MATQUANT_SLICES), mix_budgets=tuple(MIX_BUDGETS),
+               search_budgets=tuple(SEARCH_BUDGETS), search_max_evals=SEARCH_MAX_EVALS,
+               search_tokens=args.search_tokens, seq_len=args.seq_len, pretrain=str(pre))
 
   def stage_config(name: str, **kw):
-    c = _config(**kw, **common)
+    c = _config(**kw, seq_len=args.seq_len, batch=args.batch)
     c.run_name = name
     return c
 
-  def prepare(name: str, method: str) -> pathlib.Path | None:
-    """The stage's workdir, or None when an earlier demo already finished it."""
+  def todo(name: str, method: str) -> bool:
+    """Whether the stage must (re)train: an earlier demo may have finished it."""
     wd = work / name
     if _stage_done(wd, method):
       print(f"[{name}] reusing {wd}", flush=True)
-      return None
+      return False
     if wd.exists():
       shutil.rmtree(wd)  # a half-finished stage from an interrupted demo: redo it
-    return wd
+    return True
 
-  _banner(f"1/4 tokenizer + pretraining ({args.pretrain_steps} steps, full precision)")
-  pre = work / "pretrain"
-  if prepare("pretrain", "bf16") is not None:
+  _banner(f"1/3 tokenizer + pretraining ({args.pretrain_steps} steps, full precision)")
+  trained = {"pretrain": todo("pretrain", "bf16")}
+  if trained["pretrain"]:
     _train(stage_config("pretrain", method="bf16", steps=args.pretrain_steps, lr=3e-3,
                         warmup=max(args.pretrain_steps // 10, 1), init="random",
                         tokenizer="train:512"), str(pre))
@@ -165,128 +285,93 @@ def run(args) -> dict:
              init=f"run:{pre}", tokenizer=f"run:{pre}")
   stages = {"matquant": dict(method="matquant", weights=args.lambdas)}
   stages.update({f"baseline_int{r}": dict(method="baseline", bits=(r,)) for r in BASELINE_BITS})
-  _banner(f"2/4 QAT from the pretrained model: MatQuant R = {{8, 4, 2}} and baselines at "
-          f"int{', int'.join(map(str, BASELINE_BITS))} ({args.jobs} at a time)")
-  todo = {name: wd for name, kw in stages.items()
-          if (wd := prepare(name, kw["method"])) is not None}
-  runs = {name: work / name for name in stages}
-  omni = work / "omniquant_matquant"
-  runs["omniquant_matquant"] = omni
-  omni_todo = prepare("omniquant_matquant", "matquant") is not None
-  jobs = [(_train, stage_config(name, **stages[name], **qat), str(wd)) for name, wd in todo.items()]
-  if omni_todo:
-    oc = _omniquant_config(init=f"run:{pre}", tokenizer=f"run:{pre}", seq_len=args.seq_len,
-                           steps=args.omniquant_steps)
-    oc.run_name = "omniquant_matquant"
-    jobs.append((_calibrate, oc, str(omni)))
-  if args.jobs <= 1:
-    for fn, cfg, wd in jobs:
-      fn(cfg, wd)
-  elif jobs:
-    # Tiny models leave a core idle during a step; two runs at a time use both. Configs are
-    # built here, so the workers only import the library.
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-      for f in concurrent.futures.as_completed([pool.submit(*job) for job in jobs]):
-        f.result()  # re-raise a failed stage here, naming it in its traceback
+  configs = {name: stage_config(name, **kw, **qat) if todo(name, kw["method"]) else None
+             for name, kw in stages.items()}
+  if todo("omniquant_matquant", "calibration"):
+    configs["omniquant_matquant"] = _omniquant_config(
+        init=f"run:{pre}", tokenizer=f"run:{pre}", seq_len=args.seq_len,
+        steps=args.omniquant_steps)
+    configs["omniquant_matquant"].run_name = "omniquant_matquant"
+  else:
+    configs["omniquant_matquant"] = None
+  # Longest first (MatQuant trains three widths and runs the search), so two workers end together.
+  order = ["matquant", "omniquant_matquant"] + [n for n in stages if n != "matquant"]
+  options = None if args.train_only else _eval_options(args)
+  jobs = [(n, configs[n], str(work / n), s, options) for n in order]
+  if options is not None:
+    jobs.append(("pretrain", None, str(pre), s, options))
+  _banner(f"2/3 QAT from the pretrained model (MatQuant R = {{8, 4, 2}}, baselines at "
+          f"int{', int'.join(map(str, BASELINE_BITS))}, OmniQuant-MatQuant)"
+          + ("" if options is None else " and evaluation on the held-out KJV chapters")
+          + f", {args.jobs} at a time")
+  results = _run_stages(jobs, args.jobs)
+  trained.update({r["name"]: r["trained"] for r in results if r["name"] != "pretrain"})
+  summary = {"trained": sorted(k for k, v in trained.items() if v),
+             "reused": sorted(k for k, v in trained.items() if not v),
+             "stage_seconds": {r["name"]: r["seconds"] for r in results}}
+  if options is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    _banner("3/3 tables and plots")
+    summary.update(_report(results, work, out, s))
+    (out / "demo_settings.json").write_text(json.dumps(vars(args), indent=2))
+  summary["seconds"] = round(time.time() - t_start, 1)
+  print(json.dumps(summary), flush=True)
+  return summary
 
-  _banner("3/4 evaluation on the held-out KJV chapters")
-  config = get_config(DEMO_MODEL)
-  tok = Tokenizer.from_file(pre / "tokenizer.model")
-  options = sweep.EvalOptions(ppl_source="kjv", ppl_seq_len=args.seq_len,
-                              ppl_max_tokens=args.eval_tokens, tasks=("kjv_verse_completion",),
-                              kjv_num_examples=args.task_examples, batch_size=32)
-  records = []
-  final = ocp.StandardCheckpointer().restore((pre / "final_params").absolute())
-  rec = sweep.plan_record("bf16", PrecisionPlan.bf16(), 16.0)
-  rec.update(sweep.evaluate_params(config, final, tok, options))
-  print(f"  {'bf16':>16} {'bf16':<28} log pplx {rec['log_pplx']:.4f}  task avg "
-        f"{rec['task_avg']:.2f}", flush=True)
-  records.append(rec)
-  del final
-  for r in BASELINE_BITS:
-    records += sweep.evaluate_checkpoint(runs[f"baseline_int{r}"] / "matquant_int8",
-                                         [f"ffn:int{r}:parent={r}" if r < 8 else "ffn:int8"],
-                                         tok, method="baseline", options=options)
-  records += sweep.evaluate_checkpoint(runs["baseline_int8"] / "matquant_int8",
-                                       [f"ffn:int{r}" for r in MATQUANT_SLICES if r < 8], tok,
-                                       method="sliced_int8", options=options)
-  mq = MatQuantCheckpoint.load(runs["matquant"] / "matquant_int8")
-  records += sweep.evaluate_checkpoint(mq, [f"ffn:int{r}" for r in MATQUANT_SLICES], tok,
-                                       method="matquant", options=options)
-  records += sweep.evaluate_checkpoint(omni / "matquant_int8", ["ffn:int8", "ffn:int4", "ffn:int2"],
-                                       tok, method="omniquant_matquant", options=options)
-  mix_plans = [f"ffn:{s}@{b}" for b in MIX_BUDGETS for s in STRATEGIES]
-  # Mix'n'Match rows are compared by log pplx; the (chance-level) task is left out to keep the
-  # demo within its time budget.
-  ppl_only = dataclasses.replace(options, tasks=())
-  records += sweep.evaluate_checkpoint(
-      mq, mix_plans, tok, method="mix_n_match", options=ppl_only,
-      label_fn=lambda p: f"{p.strategy.value}@{p.budget:g} {list(p.layer_bits(config.num_layers))}")
-  # Searched on the training split's text; scored, like every row, on the held-out chapters.
-  found, _ = search.run(mq, tok, SEARCH_BUDGETS, search.SearchOptions(
-      source="kjv", split="train", seq_len=args.seq_len, tokens=args.search_tokens,
-      max_evals=SEARCH_MAX_EVALS))
-  # Table budgets get every score; the rest of the front only log pplx. A searched plan that
-  # is uniform is the MatQuant slice already evaluated above: its scores are reused.
-  by_plan = {rec["plan"]: rec for rec in records if rec["method"] == "matquant"}
-  searched = []
-  for r in found:
-    bits = set(r.plan.layer_bits(config.num_layers))
-    same = by_plan.get(f"ffn:int{next(iter(bits))}") if len(bits) == 1 else None
-    if same is not None:
-      rec = {**same, **sweep.plan_record("mix_n_match_search", r.plan, r.effective_bits)}
-    else:
-      (rec,) = sweep.evaluate_checkpoint(mq, [r.plan], tok, method="mix_n_match_search",
-                                         options=ppl_only)
-    rec["label"] = f"search@{r.budget:g} {list(r.plan.layer_bits(config.num_layers))}"
-    searched.append(rec)
-  records += [rec for r, rec in zip(found, searched) if r.budget in MIX_BUDGETS]
+
+def _eval_options(args):
+  from matquant_jax.evaluation import sweep
+  return sweep.EvalOptions(ppl_source="kjv", ppl_seq_len=args.seq_len,
+                           ppl_max_tokens=args.eval_tokens, tasks=("kjv_verse_completion",),
+                           kjv_num_examples=args.task_examples, batch_size=32)
+
+
+def _report(results: list[dict], work: pathlib.Path, out: pathlib.Path, s: Settings) -> dict:
+  """Writes the table (JSON/MD/CSV), the search sweep and the three plots."""
+  from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
+  from matquant_jax.evaluation import plots, report
+  from matquant_jax.quant import stats
+
+  records = sorted((rec for r in results for rec in r["records"]),
+                   key=lambda rec: METHOD_ORDER.index(rec["method"]))  # stable within a method
+  swept = [sw for r in results for sw in r["search"]]
   (out / "mixnmatch_search.json").write_text(json.dumps(
-      [r.to_json() | {"held_out_log_pplx": rec["log_pplx"]} for r, rec in zip(found, searched)],
-      indent=2))
-
-  _banner("4/4 tables and plots")
+      [{k: v for k, v in sw.items() if k != "record"} for sw in swept], indent=2))
   paths = report.write_tables(records, out, name="table",
-                              title=f"matquant_jax demo: {DEMO_MODEL} on KJV (held-out chapters)")
+                              title=f"matquant_jax demo: {s.model} on KJV (held-out chapters)")
   print(paths["md"].read_text())
-  hist = {}
-  base8 = MatQuantCheckpoint.load(runs["baseline_int8"] / "matquant_int8")
-  for name, ck in (("MatQuant", mq), ("Baseline int8", base8)):
-    hist[name] = stats.tree_code_histograms(ck.qtensors, bits=(8, 4, 2))
+  hist = {name: stats.tree_code_histograms(MatQuantCheckpoint.load(
+      work / run / "matquant_int8").qtensors, bits=(8, 4, 2))
+          for name, run in (("MatQuant", "matquant"), ("Baseline int8", "baseline_int8"))}
   plots.plot_code_histograms(hist, out / "code_histograms.png",
                              title="FFN code histograms: MatQuant vs int8 baseline (Fig. 1c)")
-  points = []
-  for rec in records:
-    if rec["method"] == "bf16":
-      continue
-    method = {"matquant": "MatQuant", "mix_n_match": "Mix'n'Match", "baseline": "Baseline",
-              "mix_n_match_search": "Mix'n'Match search",
-              "sliced_int8": "Sliced int8",
-              "omniquant_matquant": "OmniQuant MatQuant"}[rec["method"]]
-    if rec["method"] == "matquant" and rec["bits"] in (6, 3):
-      method = "MatQuant-Interp."
-    label = rec.get("label") or f"int{rec['bits']}"
-    points.append({"method": method, "label": label.split(" ")[0],
-                   "effective_bits": rec["effective_bits"], "value": rec["log_pplx"]})
+  points = [_point(rec) for rec in records if rec["method"] != "bf16"]
   plots.plot_quality_vs_bits(points, out / "quality_vs_bits.png", metric="log_pplx",
                              title="log pplx vs effective bits per FFN parameter (Fig. 2)")
   # One checkpoint's models only: MatQuant's slices, the fixed layouts and the searched front.
-  front = [p for p in points if p["method"] in ("MatQuant", "MatQuant-Interp.", "Mix'n'Match",
-                                                "Mix'n'Match search")]
-  front = [p for p in front if p["method"] != "Mix'n'Match search"] + [
-      {"method": "Mix'n'Match search", "label": rec["label"].split(" ")[0],
-       "effective_bits": rec["effective_bits"], "value": rec["log_pplx"]} for rec in searched]
+  front = [p for p in points if p["method"] in ("MatQuant", "MatQuant-Interp.", "Mix'n'Match")]
+  front += [_point(sw["record"]) for sw in swept]
   plots.plot_quality_vs_bits(front, out / "mixnmatch_front.png", metric="log_pplx",
                              title="One MatQuant checkpoint: slices, fixed Mix'n'Match layouts "
                                    "and searched plans")
-  summary = {"table": str(paths["json"]), "plots": [str(out / "code_histograms.png"),
-                                                    str(out / "quality_vs_bits.png"),
-                                                    str(out / "mixnmatch_front.png")],
-             "seconds": round(time.time() - t_start, 1)}
-  (out / "demo_settings.json").write_text(json.dumps(vars(args), indent=2))
-  print(json.dumps(summary), flush=True)
-  return summary
+  return {"table": str(paths["json"]),
+          "plots": [str(out / f) for f in ("code_histograms.png", "quality_vs_bits.png",
+                                           "mixnmatch_front.png")]}
+
+
+_LEGEND = {"matquant": "MatQuant", "mix_n_match": "Mix'n'Match", "baseline": "Baseline",
+           "mix_n_match_search": "Mix'n'Match search", "sliced_int8": "Sliced int8",
+           "omniquant_matquant": "OmniQuant MatQuant"}
+
+
+def _point(rec: dict) -> dict:
+  """A record as a point of the quality-vs-bits plots."""
+  method = _LEGEND[rec["method"]]
+  if rec["method"] == "matquant" and rec["bits"] in (6, 3):
+    method = "MatQuant-Interp."
+  label = rec.get("label") or f"int{rec['bits']}"
+  return {"method": method, "label": label.split(" ")[0], "effective_bits": rec["effective_bits"],
+          "value": rec["log_pplx"]}
 
 
 def main(argv=None) -> int:
@@ -294,14 +379,14 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default="results/demo")
   ap.add_argument("--workdir", default="runs/demo")
   ap.add_argument("--pretrain_steps", type=int, default=500)
-  ap.add_argument("--qat_steps", type=int, default=150)
+  ap.add_argument("--qat_steps", type=int, default=120)
   # Below pretraining's final LR (3e-4): QAT is a light touch on a trained model, as in the
   # paper (1e-5 on released weights); at 5e-4 it turns into continued pretraining, which
   # rewards the λ = 1 int8 baseline and hides the quantization effects (see README).
   ap.add_argument("--qat_lr", type=float, default=1e-4)
   ap.add_argument("--seq_len", type=int, default=128)
   ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--eval_tokens", type=int, default=30_000)
+  ap.add_argument("--eval_tokens", type=int, default=24_000)
   ap.add_argument("--task_examples", type=int, default=150)
   ap.add_argument("--lambdas", type=lambda t: tuple(float(x) for x in t.split(",")),
                   default=(0.1, 0.1, 1.0), help="MatQuant λ for (int8, int4, int2)")
@@ -311,6 +396,8 @@ def main(argv=None) -> int:
   ap.add_argument("--search_tokens", type=int, default=8192,
                   help="calibration tokens (training split) of the Mix'n'Match search")
   ap.add_argument("--fresh", action="store_true", help="discard earlier demo runs in --workdir")
+  ap.add_argument("--train_only", action="store_true",
+                  help="train (or reuse) every stage and stop: no evaluation, no table")
   args = ap.parse_args(argv)
   run(args)
   return 0

@@ -1,13 +1,17 @@
-"""The built-in demo runs end to end (a shortened schedule) and writes its table and plots."""
+"""The built-in demo runs end to end (a shortened schedule), reuses finished stages and writes its
+table and plots."""
 
 import json
 
-import pytest
 
 from matquant_jax import demo
 
 
-def test_demo_end_to_end_short(tmp_path, monkeypatch):
+def _summary(capsys) -> dict:
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_demo_end_to_end_short(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(demo, "DEMO_MODEL", "tiny_gemma2")
   monkeypatch.setattr(demo, "BASELINE_BITS", (8, 2))
   monkeypatch.setattr(demo, "MATQUANT_SLICES", (8, 4, 2))
@@ -17,7 +21,16 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch):
           "--pretrain_steps", "3", "--qat_steps", "2", "--seq_len", "32", "--batch", "8",
           "--eval_tokens", "1000", "--task_examples", "8", "--jobs", "1",
           "--omniquant_steps", "2", "--search_tokens", "256"]
+  stages = ["baseline_int2", "baseline_int8", "matquant", "omniquant_matquant", "pretrain"]
+  # Training only: every stage trains, nothing is evaluated.
+  assert demo.main(args + ["--train_only"]) == 0
+  first = _summary(capsys)
+  assert first["trained"] == stages and first["reused"] == []
+  assert not (tmp_path / "out" / "table.json").exists()
+  # The full demo over the same workdir reuses every stage and evaluates once.
   assert demo.main(args) == 0
+  second = _summary(capsys)
+  assert second["trained"] == [] and second["reused"] == stages
   table = json.loads((tmp_path / "out" / "table.json").read_text())
   methods = {(r["method"], r["bits"]) for r in table}
   assert {("bf16", 16), ("baseline", 8), ("baseline", 2), ("sliced_int8", 4), ("sliced_int8", 2),

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import shutil
 import warnings
 
 import jax
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

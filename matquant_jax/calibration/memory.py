@@ -27,7 +27,7 @@ from matquant_jax.calibration import config as config_lib
 from matquant_jax.calibration import transform
 from matquant_jax.checkpoints import _common
 from matquant_jax.models.config import TransformerConfig
-from matquant_jax.training import trainer
+from matquant_jax.training import aot
 
 _BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -113,12 +113,12 @@ def abstract_step_args(setup: config_lib.CalibSetup, fns: block_lib.BlockFunctio
 def compiled_step_memory(setup: config_lib.CalibSetup, layer: int = 0) -> dict[str, float]:
   """XLA's per-device memory analysis of the compiled block step (compile only).
 
-  Returns trainer.memory_report's keys: argument/output/temp/alias sizes and
+  Returns aot.memory_report's keys: argument/output/temp/alias sizes and
   'peak_estimate_bytes' = arguments + outputs − aliased + temporaries.
   """
   fns = block_lib.block_functions(setup.model, layer, setup.objective, setup.step, setup.mesh)
   compiled = fns.train_step.lower(*abstract_step_args(setup, fns, layer)).compile()
-  return trainer.memory_report(compiled)
+  return aot.memory_report(compiled)
 
 
 def report(setup: config_lib.CalibSetup, *, compile_step: bool = True,
@@ -176,7 +176,6 @@ def aot_topology_report(config) -> dict[str, Any]:
   cost_model_step_seconds. The model FLOPs use QAT's 6N accounting, although the block step
   computes no weight gradients (only LWC/LET and activation gradients): est_mfu is optimistic.
   """
-  from matquant_jax.training import aot
   from matquant_jax.training import metrics as metrics_lib
   if not config.aot_only:
     raise config_lib.ConfigError(

@@ -22,6 +22,7 @@ from matquant_jax.calibration import memory
 from matquant_jax.models import transformer as transformer_lib
 from matquant_jax.models.config import TransformerConfig
 from matquant_jax.training import metrics as metrics_lib
+from matquant_jax.training.config import resolve_tokenizer
 
 
 def calibration_tokens(config: ml_collections.ConfigDict, tokenizer) -> dict[str, np.ndarray]:
@@ -84,7 +85,6 @@ def host_params(config: ml_collections.ConfigDict, model: TransformerConfig,
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Calibrates (or resumes, or with aot_only just compiles) and exports; returns a summary."""
-  from matquant_jax.training import trainer
   if config.aot_topology:
     return memory.aot_topology_report(config)
   workdir = pathlib.Path(workdir).absolute()
@@ -106,7 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     if jax.process_index() == 0:
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    tokenizer = trainer.resolve_tokenizer(config, workdir, setup.model)
+    tokenizer = resolve_tokenizer(config, workdir, setup.model)
     tokens = calibration_tokens(config, tokenizer)
     pad = float(np.mean(tokens["segment_ids"] == 0))
     if pad > 0:

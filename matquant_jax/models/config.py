@@ -28,7 +28,6 @@ import dataclasses
 import enum
 import math
 
-import jax.numpy as jnp
 
 from matquant_jax.quant.plan import KIND_KERNELS
 

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matquant_jax.quant import minmax
 from matquant_jax.quant import slicing
 from matquant_jax.quant import validation
 from matquant_jax.quant.qtensor import QTensor

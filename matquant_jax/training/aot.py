@@ -199,3 +199,18 @@ def compile_report(compile_fn: Callable[[], Any], devices: Sequence[jax.Device],
       argument_bytes_per_device=float(m.argument_size_in_bytes),
       temp_bytes_per_device=float(m.temp_size_in_bytes))
   return out
+
+
+def memory_report(compiled) -> dict[str, float]:
+  """Bytes per device of the compiled step (XLA's memory analysis)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {k: float(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                            "temp_size_in_bytes", "alias_size_in_bytes",
+                                            "generated_code_size_in_bytes") if hasattr(m, k)}
+  out["peak_estimate_bytes"] = (out.get("argument_size_in_bytes", 0) +
+                                out.get("output_size_in_bytes", 0) -
+                                out.get("alias_size_in_bytes", 0) +
+                                out.get("temp_size_in_bytes", 0))
+  return out

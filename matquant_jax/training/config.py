@@ -12,6 +12,9 @@ gradient clipping, whether non-quantized params train) are fields here with docu
 
 from __future__ import annotations
 
+import pathlib
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -193,3 +196,50 @@ def check_inputs(config: ml_collections.ConfigDict, model) -> None:
       raise ValueError(f"split {d.train_split!r} has no documents.")
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(f"config.data.source={d.source!r}: {e}") from None
+
+
+def resolve_tokenizer(config, workdir: pathlib.Path, model) -> Any:
+  """Loads (or, for "train:<vocab>", trains into the workdir) the run's tokenizer.
+
+  config.tokenizer: "train:<vocab>" | "run:<workdir>" | "auto" (the tokenizer shipped next to
+  config.init's checkpoint) | a path (SentencePiece .model, HF tokenizer.json, or a directory
+  holding one). A tokenizer from outside the run is copied into it (tokenizer.model, or the HF
+  files under tokenizer/), so exports and `sample` find it next to the checkpoint.
+  """
+  import jax
+  from matquant_jax.checkpoints import weight_source
+  from matquant_jax.data import sources
+  from matquant_jax.data import tokenizer as tokenizer_lib
+  from matquant_jax.models import config as model_config_lib
+  spec = config.tokenizer
+  family = "gemma" if model.norm_type == model_config_lib.NormType.ZERO_CENTERED else "mistral"
+  target = workdir / "tokenizer.model"
+  try:
+    if spec.startswith("train:"):
+      vocab = int(spec.split(":", 1)[1])
+      if not target.exists():
+        if jax.process_index() == 0:
+          src = sources.make_source(config.data.source, config.data.train_split,
+                                    tfds_data_dir=config.data.tfds_data_dir or None)
+          texts = (src[i] for i in range(min(len(src), 20_000)))
+          tokenizer_lib.train_tokenizer(texts, str(target.with_suffix("")), vocab, family=family)
+      if jax.process_count() > 1:  # the others read what process 0 wrote
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("matquant_jax: tokenizer trained")
+      tok = tokenizer_lib.Tokenizer.from_file(target, family=family)
+    else:
+      if spec == "auto":
+        path = weight_source.tokenizer_near(config.init)
+      elif spec.startswith("run:"):
+        path = tokenizer_lib.find_tokenizer(pathlib.Path(spec[4:]))
+      else:
+        path = pathlib.Path(spec)
+      tok = tokenizer_lib.open_tokenizer(path, family=family)
+      if jax.process_index() == 0:
+        tokenizer_lib.copy_tokenizer(tok, workdir)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.tokenizer={spec!r}: {e}") from None
+  if tok.vocab_size > model.vocab_size:
+    raise ConfigError(f"tokenizer {spec!r} has {tok.vocab_size} pieces but model "
+                      f"{model.name!r} has vocab_size {model.vocab_size}.")
+  return tok

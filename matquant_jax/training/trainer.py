@@ -32,6 +32,8 @@ from matquant_jax.models import config as model_config_lib
 from matquant_jax.models import transformer as transformer_lib
 from matquant_jax.quant import fake_quant as fake_quant_lib
 from matquant_jax.quant.plan import Scope
+from matquant_jax.training import aot
+from matquant_jax.training import config as config_lib
 from matquant_jax.training import metrics as metrics_lib
 from matquant_jax.training import objectives as objectives_lib
 from matquant_jax.training import optimizer as optimizer_lib
@@ -337,21 +339,6 @@ def compile_step(setup: Setup, tx, schedule):
   return jitted, compiled, shardings, notes
 
 
-def memory_report(compiled) -> dict[str, float]:
-  """Bytes per device of the compiled step (XLA's memory analysis)."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  out = {k: float(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                            "temp_size_in_bytes", "alias_size_in_bytes",
-                                            "generated_code_size_in_bytes") if hasattr(m, k)}
-  out["peak_estimate_bytes"] = (out.get("argument_size_in_bytes", 0) +
-                                out.get("output_size_in_bytes", 0) -
-                                out.get("alias_size_in_bytes", 0) +
-                                out.get("temp_size_in_bytes", 0))
-  return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
@@ -365,51 +352,6 @@ def data_config(config):
       eval_split=d.eval_split, seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
       seed=int(d.seed), num_epochs=int(d.num_epochs) or None, max_tokens=int(d.max_tokens) or None,
       add_bos=bool(d.add_bos), add_eos=bool(d.add_eos))
-
-
-def resolve_tokenizer(config, workdir: pathlib.Path, model: model_config_lib.TransformerConfig):
-  """Loads (or, for "train:<vocab>", trains into the workdir) the run's tokenizer.
-
-  config.tokenizer: "train:<vocab>" | "run:<workdir>" | "auto" (the tokenizer shipped next to
-  config.init's checkpoint) | a path (SentencePiece .model, HF tokenizer.json, or a directory
-  holding one). A tokenizer from outside the run is copied into it (tokenizer.model, or the HF
-  files under tokenizer/), so exports and `sample` find it next to the checkpoint.
-  """
-  from matquant_jax.checkpoints import weight_source
-  from matquant_jax.data import sources
-  from matquant_jax.data import tokenizer as tokenizer_lib
-  spec = config.tokenizer
-  family = "gemma" if model.norm_type == model_config_lib.NormType.ZERO_CENTERED else "mistral"
-  target = workdir / "tokenizer.model"
-  try:
-    if spec.startswith("train:"):
-      vocab = int(spec.split(":", 1)[1])
-      if not target.exists():
-        if jax.process_index() == 0:
-          src = sources.make_source(config.data.source, config.data.train_split,
-                                    tfds_data_dir=config.data.tfds_data_dir or None)
-          texts = (src[i] for i in range(min(len(src), 20_000)))
-          tokenizer_lib.train_tokenizer(texts, str(target.with_suffix("")), vocab, family=family)
-      if jax.process_count() > 1:  # the others read what process 0 wrote
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("matquant_jax: tokenizer trained")
-      tok = tokenizer_lib.Tokenizer.from_file(target, family=family)
-    else:
-      if spec == "auto":
-        path = weight_source.tokenizer_near(config.init)
-      elif spec.startswith("run:"):
-        path = tokenizer_lib.find_tokenizer(pathlib.Path(spec[4:]))
-      else:
-        path = pathlib.Path(spec)
-      tok = tokenizer_lib.open_tokenizer(path, family=family)
-      if jax.process_index() == 0:
-        tokenizer_lib.copy_tokenizer(tok, workdir)
-  except (ValueError, FileNotFoundError) as e:
-    raise ConfigError(f"config.tokenizer={spec!r}: {e}") from None
-  if tok.vocab_size > model.vocab_size:
-    raise ConfigError(f"tokenizer {spec!r} has {tok.vocab_size} pieces but model "
-                      f"{model.name!r} has vocab_size {model.vocab_size}.")
-  return tok
 
 
 def initial_params(config, setup: Setup, shardings, rng):
@@ -515,7 +457,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   tx, schedule = make_optimizer(config, setup)
   t0 = time.time()
   jitted, compiled, shardings, notes = compile_step(setup, tx, schedule)
-  mem = memory_report(compiled)
+  mem = aot.memory_report(compiled)
   log.text(f"compiled the train step in {time.time() - t0:.1f}s; per-device memory: "
            f"{mem.get('peak_estimate_bytes', float('nan')) / 2**20:,.1f} MiB peak estimate")
   for n in notes[:5]:
@@ -529,7 +471,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     log.close()
     return {"aot_only": True, "memory": mem}
 
-  tokenizer = resolve_tokenizer(config, workdir, setup.model)
+  tokenizer = config_lib.resolve_tokenizer(config, workdir, setup.model)
   data_iter = lm.HostBatches(dcfg, tokenizer, split="train", num_shards=data_num_shards(config),
                              process_index=jax.process_index(),
                              process_count=jax.process_count())
@@ -628,7 +570,6 @@ def aot_topology_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
   No TPU is needed, only libtpu (training/aot.py). Returns the report (aot.compile_report's
   fields plus the run's shape); a step that does not fit has fits=False, not an exception.
   """
-  from matquant_jax.training import aot
   if not config.aot_only:
     raise ConfigError(f"config.aot_topology={config.aot_topology!r} compiles for a topology "
                       f"this host does not have: add --config.aot_only=True.")
@@ -658,7 +599,6 @@ def _unrolled_cost(config, setup: Setup) -> dict[str, float]:
   cut to 1 and 2 layer groups and extrapolated linearly to the full depth (aot.cost_dict); the
   loss-chunk loop stays a loop and its other chunks are added from a compile at half the chunk.
   """
-  from matquant_jax.training import aot
   unrolled = dataclasses.replace(setup, unroll_scans=True)
 
   def cost(s):

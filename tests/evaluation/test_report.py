@@ -3,7 +3,6 @@
 import json
 
 import jax
-import numpy as np
 import pytest
 
 from matquant_jax.checkpoints.matquant_checkpoint import export_matquant_checkpoint

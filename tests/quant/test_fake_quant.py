@@ -7,7 +7,6 @@ import pytest
 
 from matquant_jax.quant import fake_quant as fq
 from matquant_jax.quant import minmax
-from matquant_jax.quant import slicing
 from matquant_jax.quant.qtensor import QTensor
 
 
