@@ -194,5 +194,7 @@ def test_chunked_head_losses_equal_the_full_logits_objective(kwargs, scan):
   for k in params:
     np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-4, atol=1e-6)
   for k in want_metrics:
-    np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-5)
+    # Distillation metrics are differences of near-equal logits: float32 cancellation leaves an
+    # absolute floor (like the gradients' atol) that depends on XLA's summation order.
+    np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-5, atol=1e-7)
   assert obj.chunk_length(6, 4) == 3 and obj.chunk_length(8192, 1024) == 1024
