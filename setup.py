@@ -10,7 +10,7 @@ INSTALL_REQUIRES = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
-    "chex==0.1.92",
+    "chex==0.1.92",  # optax depends on it; the tests compare trees with it
     "ml-collections==1.1.0",
     "absl-py",
     "sentencepiece==0.2.3",

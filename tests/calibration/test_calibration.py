@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +58,7 @@ def test_only_lwc_and_let_are_trained_and_weights_stay_frozen(uninterrupted, tin
   opt_state = fns.init_opt(calib)
   # The optimizer state holds moments of exactly the LWC logits and LET log-scales.
   mu = opt_state[0].mu
-  assert jax.tree_util.tree_structure(mu) == jax.tree_util.tree_structure(calib0)
+  chex.assert_trees_all_equal_shapes_and_dtypes(mu, calib0)
   assert set(calib0["lwc"]["mlp"]) == {"gating_einsum", "linear"}
   assert set(calib0["let"]) == {"ffn_in", "ffn_mid"}
   for _ in range(3):

@@ -1,5 +1,6 @@
 """The scanned decoder stack: same numbers as the per-layer model, both param layouts convert."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,16 +21,14 @@ def test_scanned_stack_equals_per_layer_model(name):
   assert period == (2 if name == "tiny_gemma2" else 1)
   assert set(stacked["layers"]) == {f"sub_{j}" for j in range(period)}
   assert not any(k.startswith("layer_") for k in stacked)
-  assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(
-      T.param_shapes(cfg, scan_layers=True))
+  chex.assert_trees_all_equal_shapes_and_dtypes(stacked, T.param_shapes(cfg, scan_layers=True))
   q = stacked["layers"][f"sub_{period - 1}"]["mlp"]["linear"]["w"]
   assert q.shape == (cfg.num_layers // period,) + params["layer_0"]["mlp"]["linear"]["w"].shape
   np.testing.assert_array_equal(q[1], params[f"layer_{2 * period - 1}"]["mlp"]["linear"]["w"])
   assert T.logical_axes(cfg, scan_layers=True)["layers"]["sub_0"]["mlp"]["linear"]["w"] == \
       jax.sharding.PartitionSpec("layers", "mlp", "embed")
   back = T.unstack_layers(stacked, cfg)
-  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
-      lambda a, b: bool(jnp.array_equal(a, b)), back, params))
+  chex.assert_trees_all_equal(back, params)
 
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
   plan = PrecisionPlan.parse("ffn:int4")
