@@ -34,7 +34,7 @@ import numpy as np
 
 from matquant_jax.checkpoints import _common
 from matquant_jax.models import get_config
-from matquant_jax.models.config import QUANT_REDUCE_AXES
+from matquant_jax.quant.kernels import BY_NAME as KERNEL
 from matquant_jax.quant.plan import PrecisionPlan
 from matquant_jax.serving import loader
 from matquant_jax.serving import matmul as mm
@@ -130,14 +130,14 @@ def random_serving_params(config, plan: PrecisionPlan, dtype, seed: int = 0) -> 
   for i, (name, shape) in enumerate(_common.expected_param_shapes(config).items()):
     parts = name.split("/")
     kind = None
-    if parts[0].startswith("layer_") and parts[-2] in QUANT_REDUCE_AXES:
+    if parts[0].startswith("layer_") and parts[-2] in KERNEL:
       kind = "ffn" if parts[-2] in ("gating_einsum", "linear") else "attn"
     bits = plan.bits_for(int(parts[0][6:]), config.num_layers, kind) if kind else None
     if bits is None:
       flat[name] = (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) *
                     0.02).astype(dtype)
       continue
-    axes = QUANT_REDUCE_AXES[parts[-2]]
+    axes = KERNEL[parts[-2]].reduce_axes
     stat_shape = tuple(1 if a in axes else s for a, s in enumerate(shape))
     flat[name] = weights_lib.pack_kernel(
         rng.integers(0, 256, shape, dtype=np.uint8),

@@ -51,18 +51,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from matquant_jax.models.config import NormType
-from matquant_jax.models.config import QUANT_REDUCE_AXES
 from matquant_jax.models.config import TransformerConfig
 from matquant_jax.quant import fake_quant as fake_quant_lib
+from matquant_jax.quant import kernels as kernels_lib
 from matquant_jax.quant import minmax
 from matquant_jax.quant.plan import Scope
+from matquant_jax.quant.plan import plan_kernels
 
 LET_MODES = ("scale", "none")
-
-# (module, kernel) of every quantizable kernel, per scope; the block param path is
-# <module>/<kernel>/w.
-FFN_KERNEL_PATHS = (("mlp", "gating_einsum"), ("mlp", "linear"))
-ATTN_KERNEL_PATHS = (("attn", "q_einsum"), ("attn", "kv_einsum"), ("attn", "attn_vec_einsum"))
 
 # A logit whose sigmoid is exactly 1.0 in float32: LWC "off" (plain MinMax) without a
 # separate code path or compilation.
@@ -97,8 +93,8 @@ class CalibOptions:
 
   @property
   def kernel_paths(self) -> tuple[tuple[str, str], ...]:
-    return {Scope.FFN: FFN_KERNEL_PATHS, Scope.ATTN: ATTN_KERNEL_PATHS,
-            Scope.FFN_ATTN: FFN_KERNEL_PATHS + ATTN_KERNEL_PATHS}[self.scope]
+    """(module, kernel) of every kernel in scope; the block param path is <module>/<kernel>/w."""
+    return tuple((kernels_lib.BY_NAME[name].module, name) for _, name in plan_kernels(self.scope))
 
   @property
   def quantizes_ffn(self) -> bool:
@@ -107,21 +103,6 @@ class CalibOptions:
   @property
   def quantizes_attn(self) -> bool:
     return self.scope in (Scope.ATTN, Scope.FFN_ATTN)
-
-
-def kernel_shapes(config: TransformerConfig) -> dict[tuple[str, str], tuple[int, ...]]:
-  """Shape of each quantizable kernel of one block."""
-  d, f, n, k, h = (config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads,
-                   config.head_dim)
-  return {("mlp", "gating_einsum"): (2, d, f), ("mlp", "linear"): (f, d),
-          ("attn", "q_einsum"): (n, d, h), ("attn", "kv_einsum"): (2, k, d, h),
-          ("attn", "attn_vec_einsum"): (n, h, d)}
-
-
-def stat_shape(shape: tuple[int, ...], kernel: str) -> tuple[int, ...]:
-  """The shape of a kernel's α (and of its γ, β): reduced axes kept as size 1."""
-  axes = QUANT_REDUCE_AXES[kernel]
-  return tuple(1 if i in axes else s for i, s in enumerate(shape))
 
 
 def let_shapes(config: TransformerConfig, options: CalibOptions) -> dict[str, tuple[int, ...]]:
@@ -145,11 +126,10 @@ def init_calib_params(config: TransformerConfig, options: CalibOptions) -> dict[
     {'lwc': {module: {kernel: {'gamma', 'beta'}}}, 'let': {name: log_s}}; a part is an empty
     dict when its option is off.
   """
-  shapes = kernel_shapes(config)
   lwc: dict[str, Any] = {}
   if options.lwc:
     for module, kernel in options.kernel_paths:
-      shp = stat_shape(shapes[(module, kernel)], kernel)
+      shp = kernels_lib.BY_NAME[kernel].stat_shape(config)
       lwc.setdefault(module, {})[kernel] = {
           "gamma": np.full(shp, options.lwc_init_logit, np.float32),
           "beta": np.full(shp, options.lwc_init_logit, np.float32)}
@@ -247,7 +227,7 @@ def quantized_block_params(config: TransformerConfig, block_params: Mapping[str,
     gamma, beta = clipping_factors(calib, module, kernel)
     w = p[module][kernel]["w"]
     p[module][kernel] = {"w": fake_quant_lib.fake_quant(
-        jnp.asarray(w).astype(jnp.float32), bits, parent_bits, QUANT_REDUCE_AXES[kernel],
+        jnp.asarray(w).astype(jnp.float32), bits, parent_bits, kernels_lib.BY_NAME[kernel].reduce_axes,
         extra_precision=extra_precision, gamma=gamma, beta=beta,
         round_zero=options.round_zero, stop_weight_grad=False)}
   return p

@@ -13,6 +13,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from matquant_jax.quant import kernels as kernels_lib
+
 # Floating dtypes a weight may be stored in. Integer tensors are never model weights here.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16),
                 np.dtype(np.float64))
@@ -150,7 +152,7 @@ def expected_param_shapes(config) -> dict[str, tuple[int, ...]]:
   The tree is the one documented in `matquant_jax.models.config`.
   """
   c = config
-  d, f, n, k, h = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim
+  d = c.embed_dim
   shapes = {
       "embedder/input_embedding": (c.embed_rows, d),
       "final_norm/scale": (d,),
@@ -164,11 +166,9 @@ def expected_param_shapes(config) -> dict[str, tuple[int, ...]]:
     if c.post_norms:
       shapes[f"{p}/post_attention_norm/scale"] = (d,)
       shapes[f"{p}/post_ffw_norm/scale"] = (d,)
-    shapes[f"{p}/attn/q_einsum/w"] = (n, d, h)
-    shapes[f"{p}/attn/kv_einsum/w"] = (2, k, d, h)
-    shapes[f"{p}/attn/attn_vec_einsum/w"] = (n, h, d)
-    shapes[f"{p}/mlp/gating_einsum/w"] = (2, d, f)
-    shapes[f"{p}/mlp/linear/w"] = (f, d)
+    # Attention before FFN: the order every listing and export has always used.
+    for kernel in kernels_lib.of_kinds(["attn"]) + kernels_lib.of_kinds(["ffn"]):
+      shapes[f"{p}/{kernel.path}"] = kernel.shape(c)
   return shapes
 
 

@@ -35,8 +35,8 @@ import numpy as np
 
 from matquant_jax.checkpoints import _common
 from matquant_jax.checkpoints._common import CheckpointError
-from matquant_jax.models.config import ATTN_KERNELS, FFN_KERNELS, QUANT_REDUCE_AXES
 from matquant_jax.models.config import TransformerConfig
+from matquant_jax.quant import kernels as kernels_lib
 from matquant_jax.quant import minmax
 from matquant_jax.quant import validation
 from matquant_jax.quant.plan import PrecisionPlan, Scope
@@ -48,13 +48,13 @@ VERSION = 1
 
 def _kind(path: str) -> str | None:
   """'ffn', 'attn' or None for a '/'-joined param path."""
-  parts = path.split("/")
-  if len(parts) >= 3 and parts[0].startswith("layer_"):
-    if parts[-2] in FFN_KERNELS:
-      return "ffn"
-    if parts[-2] in ATTN_KERNELS:
-      return "attn"
-  return None
+  kernel = kernels_lib.lookup(path) if path.startswith("layer_") else None
+  return kernel.kind if kernel is not None else None
+
+
+def _reduce_axes(path: str) -> tuple[int, ...]:
+  """The contracting axes of a quantized kernel's '/'-joined param path."""
+  return kernels_lib.lookup(path).reduce_axes
 
 
 def quantized_paths(config: TransformerConfig, scope: Scope) -> list[str]:
@@ -102,7 +102,7 @@ def export_matquant_checkpoint(
   flat = _common.flatten_tree(params)
   for name, w in flat.items():  # refuse NaN/inf by name before anything is written or removed
     minmax.check_finite(w, f"param {name!r}",
-                        QUANT_REDUCE_AXES[name.split("/")[-2]] if name in qpaths else None)
+                        _reduce_axes(name) if name in qpaths else None)
   if path.exists():
     if not overwrite:
       raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path.")
@@ -118,7 +118,7 @@ def export_matquant_checkpoint(
   quantized, floats = {}, {}
   for name, w in flat.items():
     if name in qpaths:
-      axes = QUANT_REDUCE_AXES[name.split("/")[-2]]
+      axes = _reduce_axes(name)
       gamma, beta = clipping.get(name, (None, None))
       qt = _quantize(w, parent_bits, axes, round_zero, gamma, beta)
       quantized[name] = {"codes": qt.codes, "scale": qt.scale, "zero": qt.zero}
@@ -140,7 +140,7 @@ def export_matquant_checkpoint(
       "parent_bits": parent_bits,
       "round_zero": bool(round_zero),
       "float_dtype": jnp.dtype(float_dtype).name,
-      "quantized": {n: list(QUANT_REDUCE_AXES[n.split("/")[-2]]) for n in sorted(qpaths)},
+      "quantized": {n: list(_reduce_axes(n)) for n in sorted(qpaths)},
       "metadata": dict(metadata or {}),
       # Per-array digests of the bytes written, verified on load. A multi-process export
       # cannot see every shard from one process and writes none (load then warns).
@@ -226,8 +226,8 @@ def _validate_metadata(path: pathlib.Path, meta: Any) -> None:
                         f"is not one of {', '.join(FLOAT_DTYPES)}")
   for name, axes in meta["quantized"].items():
     if (not isinstance(axes, list) or
-        list(QUANT_REDUCE_AXES.get(str(name).split("/")[-2] if "/" in str(name) else "", ())
-             ) != axes):
+        kernels_lib.lookup(str(name)) is None or
+        list(kernels_lib.lookup(str(name)).reduce_axes) != axes):
       raise _schema_error(path, f"quantized[{name!r}]", axes,
                           "does not match the kernel's contracting axes")
   checksums = meta.get("checksums")
@@ -311,11 +311,9 @@ class MatQuantCheckpoint:
 
     quantized = {}
     for name in qpaths:
-      shape = shapes[name]
-      axes = QUANT_REDUCE_AXES[name.split("/")[-2]]
-      stat_shape = tuple(1 if i in axes else s for i, s in enumerate(shape))
+      stat_shape = kernels_lib.lookup(name).stat_shape(config)
       quantized[name] = {
-          "codes": abstract(shape, jnp.uint8, name),
+          "codes": abstract(shapes[name], jnp.uint8, name),
           "scale": abstract(stat_shape, jnp.float32, name, stat=True),
           "zero": abstract(stat_shape, jnp.float32, name, stat=True),
       }
@@ -335,7 +333,7 @@ class MatQuantCheckpoint:
     rq = _common.flatten_tree(restored["quantized"])
     qtensors = {}
     for name in qpaths:
-      axes = tuple(QUANT_REDUCE_AXES[name.split("/")[-2]])
+      axes = _reduce_axes(name)
       qtensors[name] = QTensor(codes=rq[f"{name}/codes"], scale=rq[f"{name}/scale"],
                                zero=rq[f"{name}/zero"], reduce_axes=axes,
                                parent_bits=int(meta["parent_bits"]),

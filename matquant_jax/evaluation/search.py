@@ -44,8 +44,8 @@ from matquant_jax.checkpoints import _common
 from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
 from matquant_jax.evaluation import perplexity as ppl_lib
 from matquant_jax.models import layers
-from matquant_jax.models.config import QUANT_REDUCE_AXES
 from matquant_jax.models.transformer import Transformer
+from matquant_jax.quant import kernels as kernels_lib
 from matquant_jax.quant.plan import MIX_N_MATCH, PrecisionPlan, plan_kernels
 
 GRANULARITIES = ("layer", "kernel")
@@ -280,7 +280,7 @@ def kernel_error_proxy(ckpt: MatQuantCheckpoint, moments: dict[str, np.ndarray],
   kernel at width w instead of the parent width, for inputs with independent features."""
   out = {}
   for name, qt in ckpt.qtensors.items():
-    axes = QUANT_REDUCE_AXES[_kernel_name(name)]
+    axes = kernels_lib.lookup(name).reduce_axes
     h = moments[name]
     shape = [1] * qt.codes.ndim
     for a, s in zip(axes, h.shape):

@@ -110,13 +110,13 @@ def minmax_params(config, params, bits: int, scope: str = "ffn", dtype=jnp.float
   quantization, dequantized (Fig. 1b's "MinMax" curve: no training, no slicing)."""
   from matquant_jax.checkpoints import _common
   from matquant_jax.checkpoints.matquant_checkpoint import quantized_paths
-  from matquant_jax.models.config import QUANT_REDUCE_AXES
+  from matquant_jax.quant import kernels as kernels_lib
   from matquant_jax.quant.plan import Scope
   from matquant_jax.quant.qtensor import QTensor
   flat = _common.flatten_tree(params)
   for name in quantized_paths(config, Scope(scope)):
     qt = QTensor.quantize(jnp.asarray(flat[name], jnp.float32), bits,
-                          QUANT_REDUCE_AXES[name.split("/")[-2]])
+                          kernels_lib.lookup(name).reduce_axes)
     flat[name] = qt.dequantize(dtype)
   return _common.unflatten_tree(flat)
 

@@ -29,7 +29,10 @@ import enum
 import math
 
 
-from matquant_jax.quant.plan import KIND_KERNELS
+from matquant_jax.quant import kernels as _kernels
+
+# The table of quantizable kernels (name, kind, module, shape, logical axes, contracting axes).
+KERNELS = _kernels.KERNELS
 
 
 class AttentionPattern(enum.Enum):
@@ -46,19 +49,6 @@ class NormType(enum.Enum):
 class Activation(enum.Enum):
   GELU_TANH = "gelu_tanh"          # GeGLU with tanh-approximate GELU (Gemma-2)
   SILU = "silu"                    # SwiGLU (Mistral, Llama)
-
-
-# Contracting axes of each quantizable kernel: MinMax statistics reduce over these, giving one
-# (α, z) per output channel (spec/models.md §1.3, last bullet).
-QUANT_REDUCE_AXES = {
-    "q_einsum": (1,),            # [N, D, H]   -> per (head, head_dim)
-    "kv_einsum": (2,),           # [2, K, D, H]
-    "attn_vec_einsum": (0, 1),   # [N, H, D]   -> per output feature
-    "gating_einsum": (1,),       # [2, D, F]
-    "linear": (0,),              # [F, D]
-}
-FFN_KERNELS = KIND_KERNELS["ffn"]
-ATTN_KERNELS = KIND_KERNELS["attn"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from matquant_jax.models.config import Activation
 from matquant_jax.models.config import NormType
-from matquant_jax.models.config import QUANT_REDUCE_AXES
 from matquant_jax.models.config import TransformerConfig
+from matquant_jax.quant import kernels as kernels_lib
 from matquant_jax.quant.fake_quant import fake_quant
 
 Dtype = Any
@@ -48,7 +48,7 @@ class WeightQuant:
 class KernelQuants:
   """Per-kernel fake-quantization of one module, for plans whose kernels differ in width.
 
-  `kernels` pairs each kernel name (config.FFN_KERNELS / ATTN_KERNELS) with its WeightQuant.
+  `kernels` pairs each kernel name (quant/kernels.py) with its WeightQuant.
   """
   kernels: tuple[tuple[str, WeightQuant | None], ...]
 
@@ -75,7 +75,7 @@ class Einsum(nn.Module):
     shape: the kernel shape.
     axes: logical axis names of the kernel, one per dimension.
     reduce_axes: contracting axes of the kernel; the per-output-channel quantization
-      statistics reduce over them (config.QUANT_REDUCE_AXES).
+      statistics reduce over them (quant/kernels.py's table).
     init_fn: the kernel initializer.
     quant: fake-quantize the kernel before use; None uses it as is.
     dtype: compute dtype; the (possibly quantized) kernel is cast to it.
@@ -109,6 +109,21 @@ class Einsum(nn.Module):
       if getattr(stored, "is_serving_weight", False):
         return stored.einsum(eqn, x.astype(self.dtype), quant=self.quant)
     return jnp.einsum(eqn, x.astype(self.dtype), self.kernel())
+
+
+def kernel_einsum(name: str, config: TransformerConfig, quant, dtype: Dtype,
+                  param_dtype: Dtype) -> Einsum:
+  """The Einsum of a quantizable kernel, its shape and axes from quant/kernels.py's table.
+
+  Init is fan-in scaled over the contracting axes; a literal-size axis (the stacked gate/up or
+  key/value pair) is a batch axis.
+  """
+  k = kernels_lib.BY_NAME[name]
+  batch = tuple(i for i, d in enumerate(k.dims) if isinstance(d, int))
+  out = tuple(i for i in range(len(k.dims)) if i not in k.reduce_axes and i not in batch)
+  return Einsum(shape=k.shape(config), axes=k.logical_axes, reduce_axes=k.reduce_axes,
+                init_fn=_fan_in_init(k.reduce_axes, out, batch), quant=quant_for(quant, name),
+                dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -263,10 +278,8 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _einsum(self, name: str, shape, axes, init_fn) -> Einsum:
-    return Einsum(shape=shape, axes=axes, reduce_axes=QUANT_REDUCE_AXES[name], init_fn=init_fn,
-                  quant=quant_for(self.quant, name), dtype=self.dtype,
-                  param_dtype=self.param_dtype, name=name)
+  def _einsum(self, name: str) -> Einsum:
+    return kernel_einsum(name, self.config, self.quant, self.dtype, self.param_dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -283,12 +296,10 @@ class Attention(nn.Module):
       ([batch, seq, D] output, updated cache or None).
     """
     cfg = self.config
-    n, k_heads, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+    n, k_heads, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     batch, seq = x.shape[:2]
-    q = self._einsum("q_einsum", (n, d, h), ("heads", "embed", "head_dim"),
-                     _fan_in_init(1, (0, 2)))("BTD,NDH->BTNH", x)
-    kv = self._einsum("kv_einsum", (2, k_heads, d, h), (None, "kv_heads", "embed", "head_dim"),
-                      _fan_in_init(2, (1, 3), (0,)))("BSD,CKDH->CBSKH", x)
+    q = self._einsum("q_einsum")("BTD,NDH->BTNH", x)
+    kv = self._einsum("kv_einsum")("BSD,CKDH->CBSKH", x)
     q = apply_rope(q, positions, cfg.rope_base)
     k = apply_rope(kv[0], positions, cfg.rope_base)
     v = kv[1]
@@ -320,8 +331,7 @@ class Attention(nn.Module):
     logits = jnp.where(mask[:, :, None, None, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, values).reshape(batch, seq, n, h)
-    out = self._einsum("attn_vec_einsum", (n, h, d), ("heads", "head_dim", "embed"),
-                       _fan_in_init((0, 1), 2))("BTNH,NHD->BTD", encoded)
+    out = self._einsum("attn_vec_einsum")("BTNH,NHD->BTD", encoded)
     return out, new_cache
 
 
@@ -345,12 +355,10 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[batch, seq, D] -> [batch, seq, D]."""
-    d, f = self.config.embed_dim, self.config.hidden_dim
-    common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = Einsum(shape=(2, d, f), axes=(None, "embed", "mlp"),
-                  reduce_axes=QUANT_REDUCE_AXES["gating_einsum"],
-                  init_fn=_fan_in_init(1, 2, (0,)), name="gating_einsum",
-                  quant=quant_for(self.quant, "gating_einsum"), **common)("BTD,CDF->CBTF", x)
+    def einsum(name):
+      return kernel_einsum(name, self.config, self.quant, self.dtype, self.param_dtype)
+
+    gate = einsum("gating_einsum")("BTD,CDF->CBTF", x)
     if self.config.activation == Activation.GELU_TANH:
       act = jax.nn.gelu(gate[0], approximate=True)
     elif self.config.activation == Activation.SILU:
@@ -358,9 +366,7 @@ class FeedForward(nn.Module):
     else:
       raise ValueError(f"unsupported activation {self.config.activation!r}.")
     hidden = act * gate[1]
-    return Einsum(shape=(f, d), axes=("mlp", "embed"), reduce_axes=QUANT_REDUCE_AXES["linear"],
-                  init_fn=_fan_in_init(0, 1), name="linear", quant=quant_for(self.quant, "linear"),
-                  **common)("BTF,FD->BTD", hidden)
+    return einsum("linear")("BTF,FD->BTD", hidden)
 
 
 class Embedder(nn.Module):

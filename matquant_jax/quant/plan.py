@@ -94,10 +94,11 @@ import math
 import re
 from typing import Sequence
 
+from matquant_jax.quant import kernels as kernels_lib
 from matquant_jax.quant import validation
 
 # The kernel kinds a plan can quantize; everything else in the model always stays bf16.
-KINDS = ("ffn", "attn")
+KINDS = kernels_lib.KINDS
 
 # Mix'n'Match serves these tier widths by default, sliced from an 8-bit parent (spec §5.3).
 MIX_BITS = (2, 4, 8)
@@ -111,12 +112,8 @@ RULES = ("three_tier", "min_spread")
 DEFAULT_RULE = "three_tier"
 DEFAULT_MID_SHARE = 1.0 / 3.0
 
-# The quantizable kernels of each kind, in the order per-kernel plan entries list them. The
-# model's parameter names (models/config.py reads them from here).
-KIND_KERNELS = {
-    "ffn": ("gating_einsum", "linear"),
-    "attn": ("q_einsum", "kv_einsum", "attn_vec_einsum"),
-}
+# The quantizable kernels of each kind (quant/kernels.py's table), in per-kernel entry order.
+KIND_KERNELS = {kind: tuple(k.name for k in kernels_lib.of_kinds([kind])) for kind in KINDS}
 
 # Storage width of an unquantized weight, reported as the "effective bits" of the bf16 plan.
 BF16_BITS = 16.0

@@ -3,7 +3,7 @@
 The matrix a kernel sees
 ------------------------
 Every quantizable kernel (models/config.py) is served as a matrix Q[K, N]: its contracting axes
-(QUANT_REDUCE_AXES) are moved to the front and flattened into K, its output axes keep their
+(quant/kernels.py) are moved to the front and flattened into K, its output axes keep their
 order and are flattened into N:
 
     q_einsum        [N_h, D, H]    -> Q[D, N_h·H]         attn_vec_einsum [N_h, H, D] -> Q[N_h·H, D]

@@ -35,8 +35,8 @@ from matquant_jax.checkpoints import _common
 from matquant_jax.checkpoints import matquant_checkpoint as mqc
 from matquant_jax.models import sampler as sampler_lib
 from matquant_jax.models import transformer
-from matquant_jax.models.config import QUANT_REDUCE_AXES
 from matquant_jax.models.config import TransformerConfig
+from matquant_jax.quant import kernels as kernels_lib
 from matquant_jax.quant.plan import PrecisionPlan
 from matquant_jax.serving import layouts
 from matquant_jax.serving import weights as weights_lib
@@ -233,7 +233,7 @@ def load_serving(path: str | pathlib.Path, plan: PrecisionPlan | str, *,
       bits = shell.slice_bits(plan, name)
       sw = layouts.storage_bits(bits, shell.parent_bits, plan.extra_precision)
       flat[name] = weights_lib.pack_kernel(
-          codes, scale, zero, contract_axes=QUANT_REDUCE_AXES[name.split("/")[-2]],
+          codes, scale, zero, contract_axes=kernels_lib.lookup(name).reduce_axes,
           bits=bits, parent_bits=shell.parent_bits, extra_precision=plan.extra_precision,
           fmt="auto" if fmt == "int4" and sw > 4 else fmt, device=device)
     else:

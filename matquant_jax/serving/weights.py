@@ -89,7 +89,7 @@ class PackedWeight:
     scale: α' [N] float32.
     zero: z' [N] float32, in index units.
     kernel_shape: the float kernel's shape (config.py layout).
-    contract_axes: the kernel's contracting axes (QUANT_REDUCE_AXES).
+    contract_axes: the kernel's contracting axes (quant/kernels.py).
     fmt: "int4", "u8" or "planes".
     widths: plane widths for "planes"; (4,) for "int4"; (8,) for "u8".
     bits: the slice width r of the plan.

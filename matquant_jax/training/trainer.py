@@ -31,7 +31,9 @@ from flax import struct
 from matquant_jax.models import config as model_config_lib
 from matquant_jax.models import transformer as transformer_lib
 from matquant_jax.quant import fake_quant as fake_quant_lib
+from matquant_jax.quant import kernels as kernels_lib
 from matquant_jax.quant.plan import Scope
+from matquant_jax.quant.plan import plan_kernels
 from matquant_jax.training import aot
 from matquant_jax.training import config as config_lib
 from matquant_jax.training import metrics as metrics_lib
@@ -202,9 +204,7 @@ def fake_quant_params(params, objective: objectives_lib.Objective, bits):
   these params is the same computation as running it with a uniform plan at `bits`: the
   model applies the same `fake_quant` to the same kernels just before their matmul.
   """
-  kinds = {Scope.FFN: model_config_lib.FFN_KERNELS, Scope.ATTN: model_config_lib.ATTN_KERNELS,
-           Scope.FFN_ATTN: model_config_lib.FFN_KERNELS + model_config_lib.ATTN_KERNELS}
-  names = kinds[objective.scope]
+  names = {name for _, name in plan_kernels(objective.scope)}
 
   def one(path, w):
     keys = [getattr(k, "key", None) for k in path]
@@ -214,7 +214,7 @@ def fake_quant_params(params, objective: objectives_lib.Objective, bits):
       shift = 1 if keys[0] == "layers" else 0
       return fake_quant_lib.fake_quant(
           w, bits, objective.parent_bits,
-          tuple(a + shift for a in model_config_lib.QUANT_REDUCE_AXES[keys[-2]]),
+          tuple(a + shift for a in kernels_lib.BY_NAME[keys[-2]].reduce_axes),
           extra_precision=objective.extra_precision)
     return w
 
@@ -246,9 +246,9 @@ def trainable_mask(model: model_config_lib.TransformerConfig, scope: Scope, trai
   shapes = transformer_lib.param_shapes(model, scan_layers=scan_layers)
   if train_scope == "all":
     return jax.tree_util.tree_map(lambda _: True, shapes)
-  kinds = {Scope.FFN: {"mlp"}, Scope.ATTN: {"attn"}, Scope.FFN_ATTN: {"mlp", "attn"}}[scope]
+  names = {name for _, name in plan_kernels(scope)}
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: any(getattr(k, "key", None) in kinds for k in path), shapes)
+      lambda path, _: len(path) >= 2 and getattr(path[-2], "key", None) in names, shapes)
 
 
 def make_optimizer(config, setup: Setup):

@@ -18,7 +18,7 @@ from matquant_jax import calibration
 from matquant_jax.checkpoints import _common
 from matquant_jax.models.config import AttentionPattern
 from matquant_jax.models.config import NormType
-from matquant_jax.models.config import QUANT_REDUCE_AXES
+from matquant_jax.quant.kernels import BY_NAME as KERNEL
 from matquant_jax.models.config import get_config
 
 NUM_SAMPLES = 16
@@ -70,8 +70,8 @@ def random_params(config, seed=0, norm_noise=0.0):
       base = 0.0 if config.norm_type == NormType.ZERO_CENTERED else 1.0
       flat[name] = (base + rng.normal(0.0, norm_noise, shape)).astype(np.float32)
       continue
-    if parts[-2] in QUANT_REDUCE_AXES:
-      fan_in = int(np.prod([shape[a] for a in QUANT_REDUCE_AXES[parts[-2]]]))
+    if parts[-2] in KERNEL:
+      fan_in = int(np.prod([shape[a] for a in KERNEL[parts[-2]].reduce_axes]))
     else:  # embedding [V, D] and lm_head [D, V]
       fan_in = shape[1] if parts[-1] == "input_embedding" else shape[0]
     flat[name] = rng.normal(0.0, fan_in ** -0.5, shape).astype(np.float32)

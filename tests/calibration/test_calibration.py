@@ -20,7 +20,7 @@ from matquant_jax.calibration import memory
 from matquant_jax.calibration import pipeline
 from matquant_jax.calibration import transform
 from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
-from matquant_jax.models.config import QUANT_REDUCE_AXES
+from matquant_jax.quant.kernels import BY_NAME as KERNEL
 from matquant_jax.quant import minmax
 from matquant_jax.quant.fake_quant import fake_quant
 from matquant_jax.quant.plan import PrecisionPlan
@@ -129,7 +129,7 @@ def test_export_loads_and_slices_dequantize_to_calibrated_weights(uninterrupted,
     layer, _, kernel, _ = name.split("/")
     w = jnp.asarray(folded[layer]["mlp"][kernel]["w"])
     # The stored int8 codes, α and z are Q_Omni of the folded weights with the learned clipping.
-    alpha, zero = minmax.minmax_params(w, 8, QUANT_REDUCE_AXES[kernel], gamma=gamma, beta=beta)
+    alpha, zero = minmax.minmax_params(w, 8, KERNEL[kernel].reduce_axes, gamma=gamma, beta=beta)
     qt = ckpt.qtensors[name]
     np.testing.assert_allclose(np.asarray(qt.scale), np.asarray(alpha), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(qt.codes),
@@ -138,7 +138,7 @@ def test_export_loads_and_slices_dequantize_to_calibrated_weights(uninterrupted,
       served = ckpt.params_for(PrecisionPlan.parse(f"ffn:int{r}"), dtype=jnp.float32)
       # ...and every slice dequantizes to the calibrated fake-quant weights (up to float
       # rounding of α·(q − z) inside and outside jit).
-      want = fake_quant(w, r, 8, QUANT_REDUCE_AXES[kernel], gamma=gamma, beta=beta)
+      want = fake_quant(w, r, 8, KERNEL[kernel].reduce_axes, gamma=gamma, beta=beta)
       np.testing.assert_allclose(np.asarray(served[layer]["mlp"][kernel]["w"]), np.asarray(want),
                                  rtol=1e-6, atol=1e-7, err_msg=f"{name} int{r}")
   # Norm scales carry the folded LET; the block served at int2 is the calibrated int2 block.

@@ -12,9 +12,8 @@ import pytest
 from matquant_jax.models import Transformer
 from matquant_jax.models import get_config
 from matquant_jax.models import layers
-from matquant_jax.models.config import ATTN_KERNELS
-from matquant_jax.models.config import FFN_KERNELS
-from matquant_jax.models.config import QUANT_REDUCE_AXES
+from matquant_jax.quant.kernels import BY_NAME as KERNEL
+from matquant_jax.quant.plan import KIND_KERNELS
 from matquant_jax.quant.fake_quant import fake_quant
 from matquant_jax.quant.plan import PrecisionPlan
 
@@ -30,14 +29,14 @@ def _quantize_tree(params, plan: PrecisionPlan, num_layers: int):
   """What the plan should do, written out: fake-quantize the planned kernels in the tree."""
   out = jax.tree_util.tree_map(lambda x: x, params)
   for i in range(num_layers):
-    for kind, group, names in (("ffn", "mlp", FFN_KERNELS), ("attn", "attn", ATTN_KERNELS)):
+    for kind, group, names in (("ffn", "mlp", KIND_KERNELS["ffn"]), ("attn", "attn", KIND_KERNELS["attn"])):
       if not plan.quantizes(kind):
         continue
       for name in names:
         bits = plan.bits_for(i, num_layers, kind, name)
         w = out[f"layer_{i}"][group][name]["w"]
         out[f"layer_{i}"][group][name]["w"] = fake_quant(
-            w, bits, plan.parent_bits, QUANT_REDUCE_AXES[name],
+            w, bits, plan.parent_bits, KERNEL[name].reduce_axes,
             extra_precision=plan.extra_precision)
   return out
 

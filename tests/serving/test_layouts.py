@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax.models.config import QUANT_REDUCE_AXES
+from matquant_jax.quant.kernels import BY_NAME as KERNEL
 from matquant_jax.quant import slicing
 from matquant_jax.serving import layouts
 
@@ -66,7 +66,7 @@ def test_host_slice_index_matches_quant_slicing():
     ("gating_einsum", (2, 6, 5)), ("linear", (5, 6))])
 def test_kernel_matrix_round_trip(name, shape):
   w = np.arange(np.prod(shape)).reshape(shape)
-  axes = QUANT_REDUCE_AXES[name]
+  axes = KERNEL[name].reduce_axes
   m = layouts.kernel_to_matrix(w, axes)
   assert m.shape[0] == np.prod([shape[a] for a in axes])
   np.testing.assert_array_equal(np.asarray(layouts.matrix_to_kernel(jnp.asarray(m), shape, axes)),

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax.models.config import QUANT_REDUCE_AXES
+from matquant_jax.quant.kernels import BY_NAME as KERNEL
 from matquant_jax.models.layers import WeightQuant
 from matquant_jax.quant.qtensor import QTensor
 from matquant_jax.serving import matmul
@@ -173,7 +173,7 @@ _EQNS = {
 @pytest.mark.parametrize("name", sorted(_EQNS))
 def test_packed_einsum_matches_every_layer_equation(name):
   eqn, shape, x_shape = _EQNS[name]
-  qt = _parent(shape, QUANT_REDUCE_AXES[name])
+  qt = _parent(shape, KERNEL[name].reduce_axes)
   w = _pack(qt, 3)
   x = np.random.default_rng(7).normal(size=x_shape).astype(np.float32)
   want = jax.jit(lambda x, q: jnp.einsum(eqn, x, q.slice(3).dequantize(jnp.float32)))(x, qt)
