@@ -12,3 +12,9 @@ from matquant_jax.data.tokenizer import FAMILIES
 from matquant_jax.data.tokenizer import Tokenizer
 from matquant_jax.data.tokenizer import family_spec
 from matquant_jax.data.tokenizer import train_tokenizer
+
+__all__ = [
+    "DataConfig", "FAMILIES", "Tokenizer", "family_spec", "kjv_documents", "lm_dataset",
+    "make_lm_dataset", "make_source", "text_file_documents", "tfds_text_source",
+    "train_tokenizer",
+]
