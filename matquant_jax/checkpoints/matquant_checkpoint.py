@@ -36,6 +36,7 @@ import numpy as np
 from matquant_jax.checkpoints import _common
 from matquant_jax.checkpoints._common import CheckpointError
 from matquant_jax.models.config import TransformerConfig
+from matquant_jax.quant import forward
 from matquant_jax.quant import kernels as kernels_lib
 from matquant_jax.quant import minmax
 from matquant_jax.quant import validation
@@ -396,18 +397,18 @@ class MatQuantCheckpoint:
 
   def params_for(self, plan: PrecisionPlan, dtype: Any = jnp.bfloat16, *,
                  allow_clamped: bool = False) -> dict[str, Any]:
-    """The model's param tree with every quantized kernel dequantized at the plan's width."""
+    """The model's param tree with every quantized kernel dequantized at the plan's width
+    (quant/forward.py's `quantized_tree` over the stored codes)."""
     self.check_plan(plan, allow_clamped=allow_clamped)
-    flat = {n: v.astype(dtype) for n, v in self.floats.items()}
-    for name in self.qtensors:
-      flat[name] = self.kernel_at(name, self.slice_bits(plan, name),
-                                  extra_precision=plan.extra_precision, dtype=dtype)
-    return _common.unflatten_tree(flat)
+    tree = _common.unflatten_tree({**self.floats, **self.qtensors})
+    return forward.quantized_tree(tree, plan=plan, num_layers=self.config.num_layers,
+                                  dtype=dtype)
 
   def kernel_at(self, name: str, bits: int, *, extra_precision: bool = False,
                 dtype: Any = jnp.bfloat16) -> jax.Array:
     """Kernel `name` (a '/'-joined param path) dequantized at slice width `bits`."""
-    return _dequantize(self.qtensors[name], bits, extra_precision, dtype)
+    return forward.kernel_value(self.qtensors[name], kernels_lib.lookup(name), bits,
+                                extra_precision=extra_precision, dtype=dtype)
 
   def effective_bits(self, plan: PrecisionPlan, *, allow_clamped: bool = False) -> float:
     """Average bits per quantized parameter under `plan`, extra-bucket bits included."""
@@ -418,18 +419,6 @@ class MatQuantCheckpoint:
       total_bits += s.effective_bits() * qt.size
       total += qt.size
     return total_bits / total if total else 16.0
-
-_DEQUANT_CACHE: dict = {}
-
-
-def _dequantize(qt: QTensor, bits: int, ep: bool, dtype) -> jax.Array:
-  key = (bits, ep, jnp.dtype(dtype).name)
-  fn = _DEQUANT_CACHE.get(key)
-  if fn is None:
-    fn = jax.jit(lambda q: q.slice(bits, extra_precision=ep).dequantize(dtype))
-    _DEQUANT_CACHE[key] = fn
-  return fn(qt)
-
 
 def _flat_widths(plan: PrecisionPlan, num_layers: int) -> list[int]:
   out = []

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from matquant_jax.models.config import Activation
 from matquant_jax.models.config import NormType
 from matquant_jax.models.config import TransformerConfig
+from matquant_jax.quant import forward
 from matquant_jax.quant import kernels as kernels_lib
-from matquant_jax.quant.fake_quant import fake_quant
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -69,13 +69,12 @@ def _fan_in_init(in_axis, out_axis, batch_axis=()) -> Initializer:
 
 
 class Einsum(nn.Module):
-  """A kernel `w` applied with `jnp.einsum`, optionally fake-quantized first.
+  """A quantizable kernel `w` (its module name is its row of quant/kernels.py) applied with
+  `jnp.einsum`, fake-quantized first when the plan quantizes it.
 
   Attributes:
     shape: the kernel shape.
     axes: logical axis names of the kernel, one per dimension.
-    reduce_axes: contracting axes of the kernel; the per-output-channel quantization
-      statistics reduce over them (quant/kernels.py's table).
     init_fn: the kernel initializer.
     quant: fake-quantize the kernel before use; None uses it as is.
     dtype: compute dtype; the (possibly quantized) kernel is cast to it.
@@ -83,7 +82,6 @@ class Einsum(nn.Module):
   """
   shape: tuple[int, ...]
   axes: tuple[str | None, ...]
-  reduce_axes: tuple[int, ...]
   init_fn: Initializer
   quant: WeightQuant | None = None
   dtype: Dtype = jnp.float32
@@ -96,8 +94,9 @@ class Einsum(nn.Module):
     if self.quant is not None:
       # Quantize from the stored (full precision) weights, then cast: the slice values are
       # exact in float32, and casting last is what a dequantize-then-matmul kernel does.
-      w = fake_quant(w, self.quant.bits, self.quant.parent_bits, self.reduce_axes,
-                     extra_precision=self.quant.extra_precision)
+      w = forward.kernel_value(w, kernels_lib.BY_NAME[self.name], self.quant.bits,
+                               self.quant.parent_bits,
+                               extra_precision=self.quant.extra_precision)
     return w.astype(self.dtype)
 
   @nn.compact
@@ -121,7 +120,7 @@ def kernel_einsum(name: str, config: TransformerConfig, quant, dtype: Dtype,
   k = kernels_lib.BY_NAME[name]
   batch = tuple(i for i, d in enumerate(k.dims) if isinstance(d, int))
   out = tuple(i for i in range(len(k.dims)) if i not in k.reduce_axes and i not in batch)
-  return Einsum(shape=k.shape(config), axes=k.logical_axes, reduce_axes=k.reduce_axes,
+  return Einsum(shape=k.shape(config), axes=k.logical_axes,
                 init_fn=_fan_in_init(k.reduce_axes, out, batch), quant=quant_for(quant, name),
                 dtype=dtype, param_dtype=param_dtype, name=name)
 

@@ -36,8 +36,10 @@ from matquant_jax.checkpoints import matquant_checkpoint as mqc
 from matquant_jax.models import sampler as sampler_lib
 from matquant_jax.models import transformer
 from matquant_jax.models.config import TransformerConfig
+from matquant_jax.quant import forward
 from matquant_jax.quant import kernels as kernels_lib
 from matquant_jax.quant.plan import PrecisionPlan
+from matquant_jax.quant.qtensor import QTensor
 from matquant_jax.serving import layouts
 from matquant_jax.serving import weights as weights_lib
 from matquant_jax.serving.weights import PackedWeight
@@ -85,13 +87,6 @@ class _ArrayReader:
 
 def _to_float(x: np.ndarray, dtype) -> np.ndarray:
   return np.asarray(x).astype(np.dtype(jnp.dtype(dtype)))
-
-
-def _dequantize_host(codes, scale, zero, dtype) -> np.ndarray:
-  """α(q − z) in float32 on the host, then cast: the same IEEE ops as params_for."""
-  w = np.asarray(scale, np.float32) * (np.asarray(codes).astype(np.float32) -
-                                       np.asarray(zero, np.float32))
-  return _to_float(w, dtype)
 
 
 @dataclasses.dataclass
@@ -236,8 +231,11 @@ def load_serving(path: str | pathlib.Path, plan: PrecisionPlan | str, *,
           codes, scale, zero, contract_axes=kernels_lib.lookup(name).reduce_axes,
           bits=bits, parent_bits=shell.parent_bits, extra_precision=plan.extra_precision,
           fmt="auto" if fmt == "int4" and sw > 4 else fmt, device=device)
-    else:
-      flat[name] = jax.device_put(_dequantize_host(codes, scale, zero, dtype), device)
+    else:  # the float baseline: the parent codes dequantized, as params_for does
+      kernel = kernels_lib.lookup(name)
+      stored = QTensor(*jax.device_put((codes, scale, zero), device), kernel.reduce_axes,
+                       parent_bits=shell.parent_bits, bits=shell.parent_bits)
+      flat[name] = forward.kernel_value(stored, kernel, shell.parent_bits, dtype=dtype)
     del host, codes, scale, zero
   return ServingModel(config=config, plan=plan, params=_common.unflatten_tree(flat),
                       dtype=dtype, source=path)

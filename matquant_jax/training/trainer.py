@@ -30,8 +30,7 @@ from flax import struct
 
 from matquant_jax.models import config as model_config_lib
 from matquant_jax.models import transformer as transformer_lib
-from matquant_jax.quant import fake_quant as fake_quant_lib
-from matquant_jax.quant import kernels as kernels_lib
+from matquant_jax.quant import forward as forward_lib
 from matquant_jax.quant.plan import Scope
 from matquant_jax.quant.plan import plan_kernels
 from matquant_jax.training import aot
@@ -201,24 +200,12 @@ def fake_quant_params(params, objective: objectives_lib.Objective, bits):
   """The param tree with every kernel in the objective's scope fake-quantized at `bits`.
 
   `bits` may be traced (the objective's scan over widths). Running the model's bf16 plan on
-  these params is the same computation as running it with a uniform plan at `bits`: the
-  model applies the same `fake_quant` to the same kernels just before their matmul.
+  these params is the same computation as running it with a uniform plan at `bits`: both go
+  through quant/forward.py's `kernel_value` just before the matmul.
   """
-  names = {name for _, name in plan_kernels(objective.scope)}
-
-  def one(path, w):
-    keys = [getattr(k, "key", None) for k in path]
-    if len(keys) >= 2 and keys[-2] in names and (keys[0].startswith("layer_") or
-                                                  keys[0] == "layers"):
-      # The stacked layout has a leading layer axis: statistics stay per layer.
-      shift = 1 if keys[0] == "layers" else 0
-      return fake_quant_lib.fake_quant(
-          w, bits, objective.parent_bits,
-          tuple(a + shift for a in kernels_lib.BY_NAME[keys[-2]].reduce_axes),
-          extra_precision=objective.extra_precision)
-    return w
-
-  return jax.tree_util.tree_map_with_path(one, params)
+  return forward_lib.quantized_tree(params, bits=bits, scope=objective.scope,
+                                    parent_bits=objective.parent_bits,
+                                    extra_precision=objective.extra_precision)
 
 
 def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_dtype, *,
