@@ -73,6 +73,12 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.
 _FLOAT_KINDS = ("hf", "gemma", "mistral", "run")
 
 
+def is_float_source(checkpoint: str) -> bool:
+  """Whether --checkpoint names float weights (a weight source) rather than an int8 export."""
+  kind, sep, _ = checkpoint.partition(":")
+  return bool(sep) and kind in _FLOAT_KINDS
+
+
 class UsageError(ValueError):
   """A bad argument or file, reported as one line before anything heavy happens."""
 
@@ -135,9 +141,8 @@ def check_request(checkpoint: str | None, plan_text: str, prompts: Sequence[str]
     plan = PrecisionPlan.parse(plan_text)
   except ValueError as e:
     raise UsageError(f"--plan={plan_text!r}: {e}") from None
-  kind = checkpoint.partition(":")[0]
   source = None
-  if kind in _FLOAT_KINDS and ":" in checkpoint:
+  if is_float_source(checkpoint):
     try:
       source = weight_source.parse(checkpoint)
       weight_source.architecture(source)  # config problems before any tensor is read
@@ -171,14 +176,15 @@ def load_model(checkpoint: str, plan, *, dtype=None, fmt: str = "auto",
   from matquant_jax.quant.plan import PrecisionPlan
   from matquant_jax.serving import loader
   dtype = jnp.bfloat16 if dtype is None else dtype
-  kind = checkpoint.partition(":")[0]
-  if kind in _FLOAT_KINDS and ":" in checkpoint:
+  if is_float_source(checkpoint):
     import jax
     import numpy as np
-    config, params = weight_source.load(checkpoint)
+    source = weight_source.parse(checkpoint)
+    config, params = weight_source.load(source)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x), dtype), params)
-    return loader.ServingModel(config=config, plan=plan if not isinstance(plan, str) else float_plan(plan), params=params, dtype=dtype,
-                               source=pathlib.Path(checkpoint.partition(":")[2]))
+    plan = float_plan(plan) if isinstance(plan, str) else plan
+    return loader.ServingModel(config=config, plan=plan, params=params, dtype=dtype,
+                               source=source.path)
   plan = PrecisionPlan.parse(plan) if isinstance(plan, str) else plan
   return loader.load_serving(pathlib.Path(checkpoint), plan, dtype=dtype, fmt=fmt,
                              allow_clamped=allow_clamped)

@@ -53,34 +53,11 @@ def host_params(config: ml_collections.ConfigDict, model: TransformerConfig,
     with jax.default_device(cpu):
       params = transformer_lib.init_params(model, jax.random.key(config.seed))
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np_dtype), params)
-  kind, _, path = spec.partition(":")
-  if kind == "run":
-    import orbax.checkpoint as ocp
-    final = pathlib.Path(path) / "final_params"
-    if not final.exists():
-      raise config_lib.ConfigError(f"config.init={spec!r}: {final} does not exist; run that "
-                                   f"job to the end first.")
-    target = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(cpu)),
-        transformer_lib.param_shapes(model))
-    restored = ocp.StandardCheckpointer().restore(final.absolute(), target)
-    return jax.tree_util.tree_map(lambda x: np.asarray(x, np_dtype), restored)
-  from matquant_jax import checkpoints
-  if kind == "hf":
-    loaded_cfg, params = checkpoints.load_hf_checkpoint(path, dtype=np_dtype)
-  elif kind == "gemma":
-    params = checkpoints.load_gemma_flax_checkpoint(path, model, dtype=np_dtype)
-    loaded_cfg = model
-  elif kind == "mistral":
-    loaded_cfg, params = checkpoints.load_mistral_consolidated(path, dtype=np_dtype)
-  else:
-    raise config_lib.ConfigError(f"config.init={spec!r}: use random, run:<dir>, hf:<dir>, "
-                                 f"gemma:<dir> or mistral:<dir>.")
-  if loaded_cfg.replace(name=model.name) != model:
-    raise config_lib.ConfigError(f"config.init={spec!r} holds a {loaded_cfg.name!r} "
-                                 f"architecture that differs from config.model={model.name!r}.")
-  return params
+  from matquant_jax.checkpoints import weight_source
+  try:
+    return weight_source.load(spec, model, dtype=np_dtype)[1]
+  except (ValueError, FileNotFoundError) as e:
+    raise config_lib.ConfigError(f"config.init={spec!r}: {e}") from None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:

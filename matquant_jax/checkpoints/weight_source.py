@@ -142,16 +142,20 @@ def lambda_family(config: TransformerConfig) -> str:
 
 
 def load(spec: str | WeightSource, model: TransformerConfig | None = None, *,
-         dtype=None):
-  """(config, params) from a checkpoint source (not 'random'), params as numpy on the host.
+         dtype=None, shardings=None):
+  """(config, params) from a checkpoint source (not 'random').
 
   Args:
     spec: the source.
     model: when given, the loaded architecture must equal it (names aside).
     dtype: numpy dtype of the arrays (default float32).
+    shardings: None for numpy params on the host; else a tree of jax Shardings like the
+      params: they come back as global jax arrays placed so, and a `run:` source is restored
+      shard by shard (each process reads only what its devices hold).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from matquant_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   src = spec if isinstance(spec, WeightSource) else parse(spec)
   dtype = np.float32 if dtype is None else dtype
   if src.kind == "hf":
@@ -162,28 +166,45 @@ def load(spec: str | WeightSource, model: TransformerConfig | None = None, *,
     config = model or architecture(src)
     params = checkpoints.load_gemma_flax_checkpoint(src.path, config, dtype=dtype)
   elif src.kind == "run":
-    import jax  # pylint: disable=g-import-not-at-top
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    from matquant_jax.models import transformer  # pylint: disable=g-import-not-at-top
     config = architecture(src)
-    final = src.path / "final_params"
-    if not final.exists():
-      raise FileNotFoundError(f"{final} does not exist; run that job to the end first (it "
-                              f"writes final_params when it finishes).")
-    cpu = jax.local_devices(backend="cpu")[0]
-    target = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(cpu)),
-        transformer.param_shapes(config))
-    restored = ocp.StandardCheckpointer().restore(final.absolute(), target)
+    _check_same(src, config, model)
+    restored = _restore_run(src.path, config, shardings)
+    if shardings is not None:
+      return config, restored
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), restored)
   else:
     raise ValueError("weight source 'random' holds no weights to load.")
+  _check_same(src, config, model)
+  if shardings is not None:
+    params = jax.tree_util.tree_map(lambda x, sh: jax.device_put(np.asarray(x, dtype), sh),
+                                    params, shardings)
+  return config, params
+
+
+def _check_same(src: WeightSource, config: TransformerConfig,
+                model: TransformerConfig | None) -> None:
   if model is not None and config.replace(name=model.name) != model:
     raise ValueError(f"weight source {src} holds a {config.name!r} architecture that differs "
                      f"from the model {model.name!r}; use --config.model=auto to take the "
                      f"checkpoint's own architecture.")
-  return config, params
+
+
+def _restore_run(workdir: pathlib.Path, config: TransformerConfig, shardings):
+  """A finished run's final_params (float32), on the host CPU or placed by `shardings`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from matquant_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  final = workdir / "final_params"
+  if not final.exists():
+    raise FileNotFoundError(f"{final} does not exist; run that job to the end first (it "
+                            f"writes final_params when it finishes).")
+  if shardings is None:
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    shardings = jax.tree_util.tree_map(lambda _: cpu, transformer.param_shapes(config))
+  target = jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      transformer.param_shapes(config), shardings)
+  return ocp.StandardCheckpointer().restore(final.absolute(), target)
 
 
 def tokenizer_near(spec: str | WeightSource) -> pathlib.Path:

@@ -358,33 +358,11 @@ def initial_params(config, setup: Setup, shardings, rng):
                                param_shardings(setup, scan_layers=False)[0], rng)
     return jax.jit(lambda p: transformer_lib.stack_layers(p, model),
                    out_shardings=shardings, donate_argnums=0)(per_layer)
-  kind, _, path = spec.partition(":")
-  if kind == "run":
-    import orbax.checkpoint as ocp
-    target = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=sh),
-        transformer_lib.param_shapes(model), shardings)
-    final = pathlib.Path(path) / "final_params"
-    if not final.exists():
-      raise ConfigError(f"config.init={spec!r}: {final} does not exist; run that job to the end "
-                        f"first (it writes final_params when it finishes).")
-    return ocp.StandardCheckpointer().restore(final.absolute(), target)
-  from matquant_jax import checkpoints
-  if kind == "hf":
-    loaded_cfg, params = checkpoints.load_hf_checkpoint(path)
-  elif kind == "gemma":
-    params = checkpoints.load_gemma_flax_checkpoint(path, model)
-    loaded_cfg = model
-  elif kind == "mistral":
-    loaded_cfg, params = checkpoints.load_mistral_consolidated(path)
-  else:
-    raise ConfigError(f"config.init={spec!r}: use random, run:<dir>, hf:<dir>, gemma:<dir> or "
-                      f"mistral:<dir>.")
-  if loaded_cfg.replace(name=model.name) != model:
-    raise ConfigError(f"config.init={spec!r} holds a {loaded_cfg.name!r} architecture that "
-                      f"differs from config.model={model.name!r}.")
-  return jax.tree_util.tree_map(lambda x, sh: jax.device_put(np.asarray(x, np.float32), sh),
-                                params, shardings)
+  from matquant_jax.checkpoints import weight_source
+  try:
+    return weight_source.load(spec, model, shardings=shardings)[1]
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.init={spec!r}: {e}") from None
 
 
 def data_num_shards(config) -> int:

@@ -315,7 +315,7 @@ def test_calibration_sample_and_host_weights(tiny):
   params = pipeline.host_params(c, setup.model, "bfloat16")
   leaves = jax.tree_util.tree_leaves(params)
   assert all(isinstance(x, np.ndarray) and x.dtype == np.dtype("bfloat16") for x in leaves)
-  with pytest.raises(calibration.ConfigError, match="final_params"):
+  with pytest.raises(calibration.ConfigError, match="nonexistent does not exist"):
     pipeline.host_params(tiny.tiny_config(init="run:/nonexistent"), setup.model)
 
 
