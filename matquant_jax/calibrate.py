@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
 
 from absl import flags
 from ml_collections import config_flags
+
+from matquant_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/omniquant_*.py, configs/tiny_omniquant.py) "
@@ -47,24 +48,21 @@ def main(argv) -> int:
   from matquant_jax.calibration import pipeline
   config = _CONFIG.value
   if config is None:
-    print("error: pass --config=configs/<experiment>.py", file=sys.stderr)
-    return 2
+    return cli.error("calibrate", "pass --config=configs/<experiment>.py")
   if _multi_process_env():
-    print("error: calibration runs as one process (it streams one block at a time through "
-          "the local devices); this environment describes a multi-process run. Run it on one "
-          "host only (on a TPU pod: worker 0, e.g. gcloud compute tpus tpu-vm ssh NAME "
-          "--worker=0), or unset JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES.", file=sys.stderr)
-    return 2
+    return cli.error("calibrate", "calibration runs as one process (it streams one block at a "
+                     "time through the local devices); this environment describes a "
+                     "multi-process run. Run it on one host only (on a TPU pod: worker 0, e.g. "
+                     "gcloud compute tpus tpu-vm ssh NAME --worker=0), or unset "
+                     "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES.")
   workdir = _WORKDIR.value or str(pathlib.Path("runs") / pathlib.Path(
       config_flags.get_config_filename(flags.FLAGS["config"])).stem)
-  from matquant_jax import cli
   try:
     summary = pipeline.run(config, workdir)
   except cli.user_errors() as e:  # ConfigError (QAT and calibration), checkpoint errors, ...
     return cli.report(e, "calibrate")
   except FloatingPointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 3
+    return cli.error("calibrate", e, code=3)
   if jax.process_index() == 0:
     print(json.dumps({"workdir": workdir, **{k: v for k, v in summary.items()
                                              if k not in ("memory", "block_metrics")}},
@@ -73,5 +71,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from matquant_jax import cli
   cli.absl_run(main)

@@ -1,4 +1,8 @@
-"""What every command line shares: one way to report a user's mistake.
+"""What every command line shares: absl flags and one way to report a user's mistake.
+
+Every command (train, calibrate, evaluate, mixnmatch, sample, export_hf, demo) takes absl
+`--flag=value` flags: train and calibrate through `absl_run` (with ml_collections
+`--config.<field>` overrides), the others each in their own FlagValues through `parse_flags`.
 
 A mistake (a bad flag or config field, a missing or malformed file, a corrupted checkpoint) is
 one line on stderr naming the problem and the fix, with exit code 2; anything else is a bug and
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -22,12 +26,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
   return (ConfigError, CheckpointError, TopologyError, FileNotFoundError)
 
 
-def report(error: BaseException, prog: str) -> int:
-  """Prints `error` as one line for `prog` and returns the exit code (2)."""
-  kind = "config error" if type(error).__name__ == "ConfigError" else "error"
-  text = " ".join(str(error).split()) if str(error) else type(error).__name__
-  print(f"{prog}: {kind}: {text}", file=sys.stderr)
-  return 2
+def error(prog: str, message: str, *, kind: str = "error", code: int = 2) -> int:
+  """Prints `prog: kind: message` as one line on stderr and returns the exit code: the one
+  way every command reports a mistake."""
+  print(f"{prog}: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
+  return code
+
+
+def report(exc: BaseException, prog: str) -> int:
+  """Prints a user error (see user_errors) as one line for `prog` and returns 2."""
+  kind = "config error" if type(exc).__name__ == "ConfigError" else "error"
+  return error(prog, str(exc) or type(exc).__name__, kind=kind)
 
 
 def _config_override_problem(argv: Sequence[str], error: BaseException) -> str:
@@ -67,3 +76,30 @@ def absl_run(main: Callable[[list[str]], int]) -> None:
     sys.exit(2)
 
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse)
+
+
+def fail(prog: str, message: str) -> NoReturn:
+  """A usage mistake found while checking a command's flags: one line on stderr, exit 2."""
+  raise SystemExit(error(prog, message))
+
+
+def parse_flags(flag_values, argv: Sequence[str] | None, prog: str) -> None:
+  """Parses `argv` (default sys.argv[1:]) into a command's own absl FlagValues.
+
+  Each command keeps its flags in its own FlagValues, so commands importable in one process
+  (tests, notebooks) never collide on a flag name, and `main(argv)` can be called again.
+  --help prints the flags and exits 0; an unknown flag, a bad value or a stray positional
+  argument is one line and exit 2.
+  """
+  from absl import flags
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--help" in argv or "-h" in argv or "--helpfull" in argv:
+    print(f"usage: python -m matquant_jax.{prog} [flags]\n\n{flag_values.get_help()}")
+    raise SystemExit(0)
+  flag_values.unparse_flags()
+  try:
+    rest = flag_values([prog] + argv)[1:]
+  except flags.Error as e:
+    fail(prog, f"{e} (--help lists the flags)")
+  if rest:
+    fail(prog, f"unexpected argument(s) {rest}; every option is a --flag=value.")

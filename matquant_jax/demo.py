@@ -26,7 +26,6 @@ outputs exist in --workdir are reused (the summary's "reused"); --fresh starts o
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -35,6 +34,12 @@ import pathlib
 import shutil
 import sys
 import time
+import types
+from typing import Sequence
+
+from absl import flags
+
+from matquant_jax import cli
 
 DEMO_MODEL = "demo_gemma2"
 BASELINE_BITS = (8, 6, 4, 3, 2)
@@ -374,31 +379,44 @@ def _point(rec: dict) -> dict:
           "value": rec["log_pplx"]}
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description="matquant_jax built-in demo (see module docstring).")
-  ap.add_argument("--out", default="results/demo")
-  ap.add_argument("--workdir", default="runs/demo")
-  ap.add_argument("--pretrain_steps", type=int, default=500)
-  ap.add_argument("--qat_steps", type=int, default=120)
-  # Below pretraining's final LR (3e-4): QAT is a light touch on a trained model, as in the
-  # paper (1e-5 on released weights); at 5e-4 it turns into continued pretraining, which
-  # rewards the λ = 1 int8 baseline and hides the quantization effects (see README).
-  ap.add_argument("--qat_lr", type=float, default=1e-4)
-  ap.add_argument("--seq_len", type=int, default=128)
-  ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--eval_tokens", type=int, default=24_000)
-  ap.add_argument("--task_examples", type=int, default=150)
-  ap.add_argument("--lambdas", type=lambda t: tuple(float(x) for x in t.split(",")),
-                  default=(0.1, 0.1, 1.0), help="MatQuant λ for (int8, int4, int2)")
-  ap.add_argument("--jobs", type=int, default=2, help="QAT runs trained at the same time")
-  ap.add_argument("--omniquant_steps", type=int, default=100,
-                  help="OmniQuant calibration steps per block")
-  ap.add_argument("--search_tokens", type=int, default=8192,
-                  help="calibration tokens (training split) of the Mix'n'Match search")
-  ap.add_argument("--fresh", action="store_true", help="discard earlier demo runs in --workdir")
-  ap.add_argument("--train_only", action="store_true",
-                  help="train (or reuse) every stage and stop: no evaluation, no table")
-  args = ap.parse_args(argv)
+FLAGS = flags.FlagValues()
+_F = dict(flag_values=FLAGS)
+flags.DEFINE_string("out", "results/demo", "Where the table, plots and JSON go.", **_F)
+flags.DEFINE_string("workdir", "runs/demo", "Where the stages train (reused when finished).",
+                    **_F)
+flags.DEFINE_integer("pretrain_steps", 500, "Full-precision pretraining steps.", **_F)
+flags.DEFINE_integer("qat_steps", 120, "QAT steps of each quantized stage.", **_F)
+# Below pretraining's final LR (3e-4): QAT is a light touch on a trained model, as in the
+# paper (1e-5 on released weights); at 5e-4 it turns into continued pretraining, which
+# rewards the λ = 1 int8 baseline and hides the quantization effects (see README).
+flags.DEFINE_float("qat_lr", 1e-4, "QAT peak learning rate.", **_F)
+flags.DEFINE_integer("seq_len", 128, "Training and evaluation sequence length.", **_F)
+flags.DEFINE_integer("batch", 16, "Training batch size.", **_F)
+flags.DEFINE_integer("eval_tokens", 24_000, "Held-out tokens of the log-perplexity rows.", **_F)
+flags.DEFINE_integer("task_examples", 150, "Examples of the KJV verse-completion task.", **_F)
+flags.DEFINE_list("lambdas", ["0.1", "0.1", "1.0"], "MatQuant λ for (int8, int4, int2).", **_F)
+flags.DEFINE_integer("jobs", 2, "QAT runs trained at the same time.", **_F)
+flags.DEFINE_integer("omniquant_steps", 100, "OmniQuant calibration steps per block.", **_F)
+flags.DEFINE_integer("search_tokens", 8192, "Calibration tokens (training split) of the "
+                     "Mix'n'Match search.", **_F)
+flags.DEFINE_bool("fresh", False, "Discard earlier demo runs in --workdir.", **_F)
+flags.DEFINE_bool("train_only", False, "Train (or reuse) every stage and stop: no evaluation, "
+                  "no table.", **_F)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  cli.parse_flags(FLAGS, argv, "demo")
+  args = types.SimpleNamespace(**FLAGS.flag_values_dict())
+  try:
+    args.lambdas = tuple(float(x) for x in args.lambdas)
+  except ValueError:
+    cli.fail("demo", f"--lambdas={','.join(args.lambdas)}: give three numbers, e.g. 0.1,0.1,1.0")
+  for name in ("pretrain_steps", "qat_steps", "seq_len", "batch", "eval_tokens",
+               "task_examples", "jobs", "omniquant_steps", "search_tokens"):
+    if getattr(args, name) < 1:
+      cli.fail("demo", f"--{name}={getattr(args, name)} must be >= 1.")
+  if len(args.lambdas) != 3:
+    cli.fail("demo", f"--lambdas needs three weights (int8, int4, int2), got {args.lambdas}.")
   run(args)
   return 0
 

@@ -26,10 +26,14 @@ validated before the first evaluation.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import sys
+from typing import Any, Sequence
+
+from absl import flags
+
+from matquant_jax import cli
 
 KINDS = ("matquant", "single_precision", "extra_precision", "baseline")  # --minmax adds MinMax
 MIX_KINDS = ("matquant", "extra_precision")  # --mix plans are evaluated on these
@@ -82,161 +86,223 @@ def _split_mix(text: str) -> list[str]:
   return out + [cur]
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--checkpoint", action="append", default=[], metavar="KIND=PATH",
-                  help=f"an int8 checkpoint; KIND in {KINDS}. Repeatable.")
-  ap.add_argument("--bf16", default="", help="reference weights: hf:<dir>, gemma:<dir>[:<preset>], "
-                  "mistral:<dir> or run:<workdir>")
-  ap.add_argument("--tokenizer", default="auto",
-                  help="SentencePiece .model, HF tokenizer.json (or a directory with one); "
-                       "'auto' (default) finds the one next to the first checkpoint or --bf16")
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--bits", default="8,6,4,3,2")
-  ap.add_argument("--minmax", action="store_true",
-                  help="also evaluate the --bf16 model under plain per-channel MinMax at every "
-                       "--bits width, no training (Fig. 1b's MinMax rows)")
-  ap.add_argument("--minmax_scope", default="ffn", choices=("ffn", "attn", "ffn+attn"))
-  ap.add_argument("--mix", default="", help="Mix'n'Match specs, e.g. pyramid@3.0,search@3.0 or "
-                  "a plan string (see the module docstring)")
-  ap.add_argument("--search_source", default="", help="calibration text of search@ plans; "
-                  "default: --ppl_source")
-  ap.add_argument("--search_split", default="train")
-  ap.add_argument("--search_tokens", type=int, default=8192)
-  ap.add_argument("--search_granularity", choices=("layer", "kernel"), default="layer")
-  ap.add_argument("--search_widths", default="2,3,4,6,8")
-  ap.add_argument("--search_max_evals", type=int, default=200)
-  ap.add_argument("--tasks", default=DEFAULT_TASKS, help="comma list; '' for none")
-  ap.add_argument("--ppl_source", default="tfds:c4/en")
-  ap.add_argument("--ppl_seq_len", type=int, default=2048)
-  ap.add_argument("--ppl_max_documents", type=int, default=None)
-  ap.add_argument("--ppl_max_tokens", type=int, default=None)
-  ap.add_argument("--task_max_examples", type=int, default=None)
-  ap.add_argument("--tfds_data_dir", default=None)
-  ap.add_argument("--batch_size", type=int, default=8)
-  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-  args = ap.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_multi_string("checkpoint", [], f"KIND=PATH: an int8 checkpoint; KIND in {KINDS}. "
+                          "Repeatable.", flag_values=FLAGS)
+flags.DEFINE_string("bf16", "", "Reference weights: hf:<dir>, gemma:<dir>[:<preset>], "
+                    "mistral:<dir> or run:<workdir>.", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", "auto", "SentencePiece .model, HF tokenizer.json (or a "
+                    "directory with one); 'auto' finds the one next to the first checkpoint or "
+                    "--bf16.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output directory (required).", flag_values=FLAGS)
+flags.DEFINE_string("bits", "8,6,4,3,2", "Comma-separated slice widths.", flag_values=FLAGS)
+flags.DEFINE_bool("minmax", False, "Also evaluate the --bf16 model under plain per-channel "
+                  "MinMax at every --bits width, no training (Fig. 1b's MinMax rows).",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("minmax_scope", "ffn", ["ffn", "attn", "ffn+attn"], "Kernels --minmax "
+                  "quantizes.", flag_values=FLAGS)
+flags.DEFINE_string("mix", "", "Mix'n'Match specs, e.g. pyramid@3.0,search@3.0 or a plan "
+                    "string (see the module docstring).", flag_values=FLAGS)
+flags.DEFINE_string("search_source", "", "Calibration text of search@ plans; default: "
+                    "--ppl_source.", flag_values=FLAGS)
+flags.DEFINE_string("search_split", "train", "Split of --search_source.", flag_values=FLAGS)
+flags.DEFINE_integer("search_tokens", 8192, "Calibration tokens of the search.",
+                     flag_values=FLAGS)
+flags.DEFINE_enum("search_granularity", "layer", ["layer", "kernel"], "Search unit.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("search_widths", "2,3,4,6,8", "Widths the search may assign.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("search_max_evals", 200, "Evaluations per budget.", flag_values=FLAGS)
+flags.DEFINE_string("tasks", DEFAULT_TASKS, "Comma list of zero-shot tasks; '' for none.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("ppl_source", "tfds:c4/en", "Text of the log-perplexity rows.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("ppl_seq_len", 2048, "Sequence length of perplexity.", flag_values=FLAGS)
+flags.DEFINE_integer("ppl_max_documents", None, "Cap on documents.", flag_values=FLAGS)
+flags.DEFINE_integer("ppl_max_tokens", None, "Cap on tokens.", flag_values=FLAGS)
+flags.DEFINE_integer("task_max_examples", None, "Cap on examples per task.", flag_values=FLAGS)
+flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "Evaluation batch size.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.",
+                  flag_values=FLAGS)
 
-  import jax.numpy as jnp
-  from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
-  from matquant_jax.checkpoints import weight_source
-  from matquant_jax.data import tokenizer as tokenizer_lib
-  from matquant_jax.evaluation import plots, report, sweep
-  from matquant_jax.quant.plan import PrecisionPlan
+PROG = "evaluate"
 
-  from matquant_jax import cli
-  from matquant_jax.evaluation import search as search_lib
+
+@dataclasses.dataclass
+class Request:
+  """Everything `main` evaluates, checked before the first evaluation."""
+  bits: list[int]
+  budgets: list[float]
+  search_options: Any
+  entries: list  # (kind, MatQuantCheckpoint, [(plan, method)])
+  bf16_source: Any
+  tokenizer: Any
+  options: Any
+
+
+def _check_numbers(f) -> list[int]:
+  """Ranges of the numeric flags, and the --bits widths."""
   for name, minimum in (("batch_size", 1), ("ppl_seq_len", 2), ("ppl_max_tokens", 1),
                         ("ppl_max_documents", 1), ("task_max_examples", 1),
                         ("search_tokens", 1), ("search_max_evals", 1)):
-    value = getattr(args, name)
+    value = getattr(f, name)
     if value is not None and value < minimum:
-      ap.error(f"--{name}={value} must be >= {minimum}.")
+      cli.fail(PROG, f"--{name}={value} must be >= {minimum}.")
+  if not f.out:
+    cli.fail(PROG, "--out is required: the directory for table.{md,csv,json} and the plot.")
   try:
-    bits = [int(b) for b in args.bits.split(",") if b.strip()]
+    bits = [int(b) for b in f.bits.split(",") if b.strip()]
   except ValueError:
-    ap.error(f"--bits={args.bits!r}: give comma-separated widths, e.g. 8,6,4,3,2.")
+    cli.fail(PROG, f"--bits={f.bits!r}: give comma-separated widths, e.g. 8,6,4,3,2.")
   bad = [b for b in bits if not 1 <= b <= 8]
   if bad:
-    ap.error(f"--bits={args.bits!r}: widths {bad} are outside 1..8.")
-  mix = [m.strip() for m in _split_mix(args.mix) if m.strip()]
+    cli.fail(PROG, f"--bits={f.bits!r}: widths {bad} are outside 1..8.")
+  return bits
+
+
+def _search_options(f):
+  from matquant_jax.evaluation import search as search_lib
+  return search_lib.SearchOptions(
+      granularity=f.search_granularity,
+      widths=tuple(int(w) for w in f.search_widths.split(",") if w),
+      source=f.search_source or f.ppl_source, split=f.search_split,
+      seq_len=min(f.ppl_seq_len, 2048), batch_size=f.batch_size,
+      tokens=f.search_tokens, max_evals=f.search_max_evals, tfds_data_dir=f.tfds_data_dir)
+
+
+def _check_checkpoint(spec: str, bits, mix, budgets, search_options):
+  """(kind, checkpoint, plans) of one --checkpoint, every plan validated."""
+  from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
+  from matquant_jax.evaluation import search as search_lib
+  from matquant_jax.quant.plan import PrecisionPlan
+  kind, _, path = spec.partition("=")
+  if kind not in KINDS or not path:
+    cli.fail(PROG, f"--checkpoint {spec!r}: use KIND=PATH with KIND in {KINDS}.")
   try:
-    budgets = _search_budgets(mix)
-    search_options = search_lib.SearchOptions(
-        granularity=args.search_granularity,
-        widths=tuple(int(w) for w in args.search_widths.split(",") if w),
-        source=args.search_source or args.ppl_source, split=args.search_split,
-        seq_len=min(args.ppl_seq_len, 2048), batch_size=args.batch_size,
-        tokens=args.search_tokens, max_evals=args.search_max_evals,
-        tfds_data_dir=args.tfds_data_dir)
-    if budgets:
-      search_lib.check_disjoint((search_options.source, search_options.split),
-                                (args.ppl_source, "validation"))
-  except ValueError as e:
-    ap.error(str(e))
-  entries = []
-  for spec in args.checkpoint:
-    kind, _, path = spec.partition("=")
-    if kind not in KINDS or not path:
-      ap.error(f"--checkpoint {spec!r}: use KIND=PATH with KIND in {KINDS}.")
+    ckpt = MatQuantCheckpoint.load(path)
+  except cli.user_errors() as e:
+    cli.fail(PROG, f"--checkpoint {spec!r}: {e}")
+  plans = _plans_for(kind, ckpt, bits, mix)
+  for p, _ in plans:  # fail before any evaluation, naming the bad plan
     try:
-      ckpt = MatQuantCheckpoint.load(path)
-    except cli.user_errors() as e:
-      ap.error(f"--checkpoint {spec!r}: {e}")
-    plans = _plans_for(kind, ckpt, bits, mix)
-    for p, _ in plans:  # fail before any evaluation, naming the bad plan
-      try:
-        ckpt.check_plan(PrecisionPlan.parse(p))
-      except ValueError as e:
-        ap.error(f"--checkpoint {spec!r}: {e}")
-    if kind in MIX_KINDS and budgets:
-      try:
-        widths = search_lib.check_widths(search_options.widths, ckpt.parent_bits)
-      except ValueError as e:
-        ap.error(f"--search_widths: {e}")
-      for b in budgets:
-        if b < widths[0]:
-          ap.error(f"--mix search@{b:g}: the budget is below the narrowest search width "
-                   f"int{widths[0]}.")
-    entries.append((kind, ckpt, plans))
-  if not entries and not args.bf16:
-    ap.error("nothing to evaluate: pass --checkpoint KIND=PATH and/or --bf16.")
-  if args.minmax and not args.bf16:
-    ap.error("--minmax quantizes the float model: pass it with --bf16=<weights>.")
-  bf16_source = None
-  if args.bf16:
+      ckpt.check_plan(PrecisionPlan.parse(p))
+    except ValueError as e:
+      cli.fail(PROG, f"--checkpoint {spec!r}: {e}")
+  if kind in MIX_KINDS and budgets:
     try:
-      bf16_source = weight_source.parse(args.bf16)
-      weight_source.architecture(bf16_source)  # config errors before any evaluation
-    except (ValueError, FileNotFoundError) as e:
-      ap.error(f"--bf16 {args.bf16!r}: {e}")
+      widths = search_lib.check_widths(search_options.widths, ckpt.parent_bits)
+    except ValueError as e:
+      cli.fail(PROG, f"--search_widths: {e}")
+    for b in budgets:
+      if b < widths[0]:
+        cli.fail(PROG, f"--mix search@{b:g}: the budget is below the narrowest search width "
+                       f"int{widths[0]}.")
+  return kind, ckpt, plans
+
+
+def _tokenizer(f, entries, bf16_source):
+  from matquant_jax.checkpoints import weight_source
+  from matquant_jax.data import tokenizer as tokenizer_lib
   try:
-    if args.tokenizer != "auto":
-      tok_path = pathlib.Path(args.tokenizer)
+    if f.tokenizer != "auto":
+      tok_path = pathlib.Path(f.tokenizer)
     elif entries:
-      tok_path = tokenizer_lib.find_tokenizer(pathlib.Path(args.checkpoint[0].partition("=")[2]))
+      tok_path = tokenizer_lib.find_tokenizer(pathlib.Path(f.checkpoint[0].partition("=")[2]))
     else:
       tok_path = weight_source.tokenizer_near(bf16_source)
-    tok = tokenizer_lib.open_tokenizer(tok_path)
+    return tokenizer_lib.open_tokenizer(tok_path)
   except (ValueError, FileNotFoundError) as e:
-    ap.error(f"--tokenizer={args.tokenizer}: {e}")
-  options = sweep.EvalOptions(
-      ppl_source=args.ppl_source, ppl_seq_len=args.ppl_seq_len,
-      ppl_max_tokens=args.ppl_max_tokens, ppl_max_documents=args.ppl_max_documents,
-      tasks=tuple(t for t in args.tasks.split(",") if t), task_max_examples=args.task_max_examples,
-      tfds_data_dir=args.tfds_data_dir, batch_size=args.batch_size,
-      dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    cli.fail(PROG, f"--tokenizer={f.tokenizer}: {e}")
 
-  records = []
-  if args.bf16:
-    config, params = weight_source.load(bf16_source)
+
+def check_request(f) -> Request:
+  """Every flag, checkpoint, plan, weight source and the tokenizer, before any evaluation."""
+  import jax.numpy as jnp
+  from matquant_jax.checkpoints import weight_source
+  from matquant_jax.evaluation import search as search_lib
+  from matquant_jax.evaluation import sweep
+  bits = _check_numbers(f)
+  mix = [m.strip() for m in _split_mix(f.mix) if m.strip()]
+  try:
+    budgets = _search_budgets(mix)
+    search_options = _search_options(f)
+    if budgets:
+      search_lib.check_disjoint((search_options.source, search_options.split),
+                                (f.ppl_source, "validation"))
+  except ValueError as e:
+    cli.fail(PROG, str(e))
+  entries = [_check_checkpoint(spec, bits, mix, budgets, search_options)
+             for spec in f.checkpoint]
+  if not entries and not f.bf16:
+    cli.fail(PROG, "nothing to evaluate: pass --checkpoint KIND=PATH and/or --bf16.")
+  if f.minmax and not f.bf16:
+    cli.fail(PROG, "--minmax quantizes the float model: pass it with --bf16=<weights>.")
+  bf16_source = None
+  if f.bf16:
+    try:
+      bf16_source = weight_source.parse(f.bf16)
+      weight_source.architecture(bf16_source)  # config errors before any evaluation
+    except (ValueError, FileNotFoundError) as e:
+      cli.fail(PROG, f"--bf16 {f.bf16!r}: {e}")
+  options = sweep.EvalOptions(
+      ppl_source=f.ppl_source, ppl_seq_len=f.ppl_seq_len,
+      ppl_max_tokens=f.ppl_max_tokens, ppl_max_documents=f.ppl_max_documents,
+      tasks=tuple(t for t in f.tasks.split(",") if t), task_max_examples=f.task_max_examples,
+      tfds_data_dir=f.tfds_data_dir, batch_size=f.batch_size,
+      dtype=jnp.bfloat16 if f.dtype == "bfloat16" else jnp.float32)
+  return Request(bits, budgets, search_options, entries, bf16_source,
+                 _tokenizer(f, entries, bf16_source), options)
+
+
+def run(req: Request) -> list[dict]:
+  """The records of every row: the bf16 (and MinMax) model, then each checkpoint's plans."""
+  from matquant_jax.checkpoints import weight_source
+  from matquant_jax.evaluation import search as search_lib
+  from matquant_jax.evaluation import sweep
+  from matquant_jax.quant.plan import PrecisionPlan
+  records, tok, options = [], req.tokenizer, req.options
+  if req.bf16_source is not None:
+    config, params = weight_source.load(req.bf16_source)
     rec = sweep.plan_record("bf16", PrecisionPlan.bf16(), 16.0)
     rec.update(sweep.evaluate_params(config, params, tok, options))
     records.append(rec)
-    if args.minmax:
-      records += sweep.evaluate_minmax(config, params, tok, bits, scope=args.minmax_scope,
+    if FLAGS.minmax:
+      records += sweep.evaluate_minmax(config, params, tok, req.bits, scope=FLAGS.minmax_scope,
                                        options=options)
     del params
-  for kind, ckpt, plans in entries:
+  for kind, ckpt, plans in req.entries:
     for method in dict.fromkeys(m for _, m in plans):
       records += sweep.evaluate_checkpoint(
           ckpt, [p for p, m in plans if m == method], tok, method=method, options=options,
           label_fn=(lambda p: f"Mix'n'Match {p}") if method == "mix_n_match" else None)
-    if kind in MIX_KINDS and budgets:
-      found, _ = search_lib.run(ckpt, tok, budgets, dataclasses.replace(
-          search_options, extra_precision=kind == "extra_precision"))
+    if kind in MIX_KINDS and req.budgets:
+      found, _ = search_lib.run(ckpt, tok, req.budgets, dataclasses.replace(
+          req.search_options, extra_precision=kind == "extra_precision"))
       records += sweep.evaluate_checkpoint(
           ckpt, [r.plan for r in found], tok, method="mix_n_match_search", options=options,
           label_fn=lambda p: f"Mix'n'Match search {p}")
-  paths = report.write_tables(records, args.out)
+  return records
+
+
+def write_report(records: list[dict], out: str, tasks: bool) -> None:
+  """table.{md,csv,json} and the quality-vs-bits plot under `out`; prints the table."""
+  from matquant_jax.evaluation import plots, report
+  paths = report.write_tables(records, out)
   print(paths["md"].read_text())
-  metric = "task_avg" if options.tasks else "log_pplx"
+  metric = "task_avg" if tasks else "log_pplx"
   points = [{"method": report.METHOD_LABELS.get(r["method"], r["method"]),
              "label": r.get("label") or (f"int{r['bits']}" if r.get("bits") else r["plan"]),
              "effective_bits": r["effective_bits"], "value": r[metric]}
             for r in records if r["method"] != "bf16" and r.get(metric) is not None]
   if points:
-    plots.plot_quality_vs_bits(points, pathlib.Path(args.out) / "quality_vs_bits.png", metric=metric)
+    plots.plot_quality_vs_bits(points, pathlib.Path(out) / "quality_vs_bits.png", metric=metric)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  cli.parse_flags(FLAGS, argv, PROG)
+  req = check_request(FLAGS)
+  write_report(run(req), FLAGS.out, bool(req.options.tasks))
   return 0
 
 

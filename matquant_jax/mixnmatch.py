@@ -20,129 +20,139 @@ from the checkpoint's metadata alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
+from typing import Sequence
+
+from absl import flags
+
+from matquant_jax import cli
+
+PROG = "mixnmatch"
+FLAGS = flags.FlagValues()
 
 
-def _floats(text: str) -> list[float]:
-  try:
-    out = [float(t) for t in text.split(",") if t.strip()]
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers, e.g. 3.0,4.5")
-  if not out:
-    raise argparse.ArgumentTypeError("give at least one budget, e.g. --budget=3.0")
-  return out
-
-
-def _ints(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(t) for t in text.split(",") if t.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of widths, e.g. 2,3,4,6,8")
-
-
-def parser() -> argparse.ArgumentParser:
+def _define_flags() -> None:
+  """Defines the flags once, on first use: their defaults come from search.SearchOptions,
+  which imports jax, and importing this module should not."""
+  if "checkpoint" in FLAGS:
+    return
   from matquant_jax.evaluation import search
   d = search.SearchOptions()
-  ap = argparse.ArgumentParser(prog="python -m matquant_jax.mixnmatch",
-                               description=__doc__.splitlines()[0])
-  ap.add_argument("--checkpoint", required=True, help="an int8 MatQuant checkpoint directory")
-  ap.add_argument("--budget", type=_floats, required=True,
-                  help="budget(s), comma separated: effective bits per quantized parameter, or "
-                       "bytes of the quantized kernels with --unit=bytes")
-  ap.add_argument("--unit", choices=search.UNITS, default=d.unit)
-  ap.add_argument("--granularity", choices=search.GRANULARITIES, default=d.granularity)
-  ap.add_argument("--widths", type=_ints, default=d.widths)
-  ap.add_argument("--ep", action="store_true", help="search over Extra Precision slices")
-  ap.add_argument("--tokenizer", default="auto", help="tokenizer file; 'auto' finds the one "
-                  "next to the checkpoint")
-  ap.add_argument("--calib_source", default=d.source, help="calibration text: kjv, "
-                  "tfds:c4/en, text:<path>")
-  ap.add_argument("--calib_split", default=d.split)
-  ap.add_argument("--calib_tokens", type=int, default=d.tokens)
-  ap.add_argument("--seq_len", type=int, default=d.seq_len)
-  ap.add_argument("--batch_size", type=int, default=d.batch_size)
-  ap.add_argument("--max_evals", type=int, default=d.max_evals,
-                  help="model evaluations per budget, everything included")
-  ap.add_argument("--seed", type=int, default=d.seed)
-  ap.add_argument("--tfds_data_dir", default=None)
-  ap.add_argument("--eval_source", default="", help="also score plans by held-out log pplx")
-  ap.add_argument("--eval_split", default="validation")
-  ap.add_argument("--eval_tokens", type=int, default=30_000)
-  ap.add_argument("--out", default="", help="write search.json (and pareto.png) here")
-  ap.add_argument("--dry_run", action="store_true",
-                  help="print the number of model evaluations and exit")
-  return ap
+  f = dict(flag_values=FLAGS)
+  flags.DEFINE_string("checkpoint", None, "An int8 MatQuant checkpoint directory (required).",
+                      **f)
+  flags.DEFINE_list("budget", None, "Budget(s), comma separated: effective bits per quantized "
+                    "parameter, or bytes of the quantized kernels with --unit=bytes (required).",
+                    **f)
+  flags.DEFINE_enum("unit", d.unit, list(search.UNITS), "Unit of --budget.", **f)
+  flags.DEFINE_enum("granularity", d.granularity, list(search.GRANULARITIES),
+                    "Search unit: a layer or a kernel.", **f)
+  flags.DEFINE_list("widths", [str(w) for w in d.widths], "Widths the search may assign.", **f)
+  flags.DEFINE_bool("ep", False, "Search over Extra Precision slices.", **f)
+  flags.DEFINE_string("tokenizer", "auto", "Tokenizer file; 'auto' finds the one next to the "
+                      "checkpoint.", **f)
+  flags.DEFINE_string("calib_source", d.source, "Calibration text: kjv, tfds:c4/en, "
+                      "text:<path>.", **f)
+  flags.DEFINE_string("calib_split", d.split, "Split of --calib_source.", **f)
+  flags.DEFINE_integer("calib_tokens", d.tokens, "Calibration tokens.", **f)
+  flags.DEFINE_integer("seq_len", d.seq_len, "Sequence length.", **f)
+  flags.DEFINE_integer("batch_size", d.batch_size, "Batch size.", **f)
+  flags.DEFINE_integer("max_evals", d.max_evals, "Model evaluations per budget, everything "
+                       "included.", **f)
+  flags.DEFINE_integer("seed", d.seed, "Seed of the refinement.", **f)
+  flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory.", **f)
+  flags.DEFINE_string("eval_source", "", "Also score plans by held-out log pplx on this text.",
+                      **f)
+  flags.DEFINE_string("eval_split", "validation", "Split of --eval_source.", **f)
+  flags.DEFINE_integer("eval_tokens", 30_000, "Held-out tokens.", **f)
+  flags.DEFINE_string("out", "", "Write search.json (and pareto.png) here.", **f)
+  flags.DEFINE_bool("dry_run", False, "Print the number of model evaluations and exit.", **f)
 
 
-def _fail(ap, message: str) -> None:
-  ap.exit(2, f"{ap.prog}: error: {message}\n")
+def _numbers(f) -> tuple[list[float], tuple[int, ...]]:
+  """--budget and --widths as numbers; every count flag in range."""
+  if not f.checkpoint or not f.budget:
+    cli.fail(PROG, "--checkpoint=<int8 checkpoint dir> and --budget=<bits>[,...] are required.")
+  for name in ("calib_tokens", "seq_len", "batch_size", "max_evals", "eval_tokens"):
+    if getattr(f, name) < 1:
+      cli.fail(PROG, f"--{name}={getattr(f, name)} must be >= 1.")
+  if f.seq_len < 2:
+    cli.fail(PROG, f"--seq_len={f.seq_len} must be >= 2.")
+  try:
+    budgets = [float(t) for t in f.budget if t.strip()]
+  except ValueError:
+    cli.fail(PROG, f"--budget={','.join(f.budget)!r} is not a comma list of numbers, e.g. "
+                   f"3.0,4.5")
+  try:
+    widths = tuple(int(t) for t in f.widths if t.strip())
+  except ValueError:
+    cli.fail(PROG, f"--widths={','.join(f.widths)!r} is not a comma list of widths, e.g. "
+                   f"2,3,4,6,8")
+  return budgets, widths
 
 
-def main(argv=None) -> int:
-  ap = parser()
-  args = ap.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+  _define_flags()
+  cli.parse_flags(FLAGS, argv, PROG)
+  f = FLAGS
+  budgets, widths = _numbers(f)
   from matquant_jax.checkpoints import matquant_checkpoint as mqc
   from matquant_jax.evaluation import search
-
-  for name in ("calib_tokens", "seq_len", "batch_size", "max_evals", "eval_tokens"):
-    if getattr(args, name) < 1:
-      _fail(ap, f"--{name}={getattr(args, name)} must be >= 1.")
-  if args.seq_len < 2:
-    _fail(ap, f"--seq_len={args.seq_len} must be >= 2.")
   try:
-    meta = mqc.read_metadata(args.checkpoint)
-    shell = mqc.MatQuantCheckpoint.from_metadata(args.checkpoint, meta)
-    widths = search.check_widths(args.widths, shell.parent_bits)
-    if args.eval_source:
-      search.check_disjoint((args.calib_source, args.calib_split),
-                            (args.eval_source, args.eval_split))
+    meta = mqc.read_metadata(f.checkpoint)
+    shell = mqc.MatQuantCheckpoint.from_metadata(f.checkpoint, meta)
+    widths = search.check_widths(widths, shell.parent_bits)
+    if f.eval_source:
+      search.check_disjoint((f.calib_source, f.calib_split), (f.eval_source, f.eval_split))
   except (ValueError, FileNotFoundError) as e:
-    _fail(ap, str(e))
+    cli.fail(PROG, str(e))
   count = search.evaluation_count(shell.config.num_layers, widths, shell.parent_bits,
-                                  args.max_evals, args.granularity)
-  if args.dry_run:
-    print(json.dumps({"checkpoint": args.checkpoint, "model": shell.config.name,
-                      "num_layers": shell.config.num_layers, "granularity": args.granularity,
+                                  f.max_evals, f.granularity)
+  if f.dry_run:
+    print(json.dumps({"checkpoint": f.checkpoint, "model": shell.config.name,
+                      "num_layers": shell.config.num_layers, "granularity": f.granularity,
                       "widths": list(widths), "evaluations_per_budget": count}))
     return 0
 
   from matquant_jax.data import tokenizer as tokenizer_lib
   try:
-    tok_path = (pathlib.Path(args.tokenizer) if args.tokenizer != "auto"
-                else tokenizer_lib.find_tokenizer(pathlib.Path(args.checkpoint)))
+    tok_path = (pathlib.Path(f.tokenizer) if f.tokenizer != "auto"
+                else tokenizer_lib.find_tokenizer(pathlib.Path(f.checkpoint)))
     tok = tokenizer_lib.open_tokenizer(tok_path)
   except (ValueError, FileNotFoundError) as e:
-    _fail(ap, f"--tokenizer={args.tokenizer}: {e}")
-  ckpt = mqc.MatQuantCheckpoint.load(args.checkpoint)
+    cli.fail(PROG, f"--tokenizer={f.tokenizer}: {e}")
+  ckpt = mqc.MatQuantCheckpoint.load(f.checkpoint)
   options = search.SearchOptions(
-      unit=args.unit, granularity=args.granularity, widths=widths, extra_precision=args.ep,
-      source=args.calib_source, split=args.calib_split, seq_len=args.seq_len,
-      batch_size=args.batch_size, tokens=args.calib_tokens, max_evals=args.max_evals,
-      seed=args.seed, tfds_data_dir=args.tfds_data_dir)
+      unit=f.unit, granularity=f.granularity, widths=widths, extra_precision=f.ep,
+      source=f.calib_source, split=f.calib_split, seq_len=f.seq_len,
+      batch_size=f.batch_size, tokens=f.calib_tokens, max_evals=f.max_evals,
+      seed=f.seed, tfds_data_dir=f.tfds_data_dir)
   try:
-    results, _ = search.run(ckpt, tok, args.budget, options)
+    results, _ = search.run(ckpt, tok, budgets, options)
   except (ValueError, FileNotFoundError) as e:
-    _fail(ap, str(e))
+    cli.fail(PROG, str(e))
   rows = [r.to_json() for r in results]
-  if args.eval_source:
-    _held_out(ckpt, tok, results, rows, args)
+  if f.eval_source:
+    _held_out(ckpt, tok, results, rows, f)
   for r, row in zip(results, rows):
     print(str(r.plan))
     print(json.dumps(row))
-  if args.out:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "search.json").write_text(json.dumps(
-        {"checkpoint": str(args.checkpoint), "options": vars(args) | {"budget": args.budget},
-         "results": rows}, indent=2, default=str))
-    if len(results) > 1:
-      _plot(rows, out / "pareto.png", "held_out_log_pplx" if args.eval_source else
-            "calibration_kl")
-    print(f"wrote {out / 'search.json'}")
+  if f.out:
+    _write(rows, budgets, f)
   return 0
+
+
+def _write(rows, budgets, f) -> None:
+  out = pathlib.Path(f.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "search.json").write_text(json.dumps(
+      {"checkpoint": str(f.checkpoint), "options": f.flag_values_dict() | {"budget": budgets},
+       "results": rows}, indent=2, default=str))
+  if len(rows) > 1:
+    _plot(rows, out / "pareto.png", "held_out_log_pplx" if f.eval_source else "calibration_kl")
+  print(f"wrote {out / 'search.json'}")
 
 
 def _held_out(ckpt, tok, results, rows, args) -> None:

@@ -33,12 +33,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import sys
 import time
 from typing import Any, Sequence
 
 from absl import flags
 from absl import logging
+
+from matquant_jax import cli
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "int8 MatQuant export directory, or a float checkpoint: hf:<dir>, "
@@ -70,6 +71,7 @@ _ALLOW_CLAMPED = flags.DEFINE_bool(
     "(refused by default: add ':ep' to the plan instead).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 
+PROG = "sample"
 _FLOAT_KINDS = ("hf", "gemma", "mistral", "run")
 
 
@@ -236,14 +238,12 @@ def main(argv) -> int:
                   for p in texts_in]
     encoded = [tokenizer.encode(p) for p in texts_in]
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(PROG, e)
   longest = max(len(e) for e in encoded)
   if longest + _MAX_NEW.value > _MAX_LENGTH.value:
-    print(f"error: the longest prompt has {longest} tokens; with --max_new_tokens="
-          f"{_MAX_NEW.value} that exceeds --max_length={_MAX_LENGTH.value}. Shorten the prompt "
-          f"or lower --max_new_tokens.", file=sys.stderr)
-    return 2
+    return cli.error(PROG, f"the longest prompt has {longest} tokens; with --max_new_tokens="
+                           f"{_MAX_NEW.value} that exceeds --max_length={_MAX_LENGTH.value}. "
+                           f"Shorten the prompt or lower --max_new_tokens.")
   dtype = jnp.dtype(_DTYPE.value)
   try:
     t0 = time.perf_counter()
@@ -251,15 +251,13 @@ def main(argv) -> int:
                        allow_clamped=_ALLOW_CLAMPED.value)
     load_s = time.perf_counter() - t0
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(PROG, e)
   if _KERNEL.value != "auto":
     model = model.with_path(_KERNEL.value)  # kernels of other formats keep the guard's path
   if tokenizer.vocab_size > model.config.vocab_size:
-    print(f"error: the tokenizer has {tokenizer.vocab_size} pieces but the model only "
-          f"{model.config.vocab_size}; pass the tokenizer the model was trained with.",
-          file=sys.stderr)
-    return 2
+    return cli.error(PROG, f"the tokenizer has {tokenizer.vocab_size} pieces but the model "
+                           f"only {model.config.vocab_size}; pass the tokenizer the model was "
+                           f"trained with.")
   length = max(len(e) for e in encoded)
   prompts = np.full((len(encoded), length), model.config.pad_id, np.int32)
   for i, e in enumerate(encoded):
@@ -278,8 +276,7 @@ def main(argv) -> int:
   try:
     out, first_s = run()
   except ValueError as e:  # e.g. a forced --kernel that cannot run these shapes
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(PROG, e)
   timed_s = first_s
   if _WARMUP.value:
     out, timed_s = run()
@@ -317,5 +314,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from matquant_jax import cli
   cli.absl_run(main)

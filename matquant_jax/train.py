@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
 
 from absl import flags
 from ml_collections import config_flags
+
+from matquant_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py), with --config.<field>=<value> "
@@ -76,19 +77,16 @@ def main(argv) -> int:
   from matquant_jax.training import trainer
   config = _CONFIG.value
   if config is None:
-    print("error: pass --config=configs/<experiment>.py", file=sys.stderr)
-    return 2
+    return cli.error("train", "pass --config=configs/<experiment>.py")
   workdir = _WORKDIR.value or str(pathlib.Path("runs") /
                                   pathlib.Path(config_flags.get_config_filename(
                                       flags.FLAGS["config"])).stem)
-  from matquant_jax import cli
   try:
     summary = trainer.train(config, workdir)
   except cli.user_errors() as e:
     return cli.report(e, "train")
   except FloatingPointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 3
+    return cli.error("train", e, code=3)
   if jax.process_index() == 0:
     print(json.dumps({"workdir": workdir, **{k: v for k, v in summary.items()
                                              if k != "memory"}}, default=str))
@@ -96,5 +94,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from matquant_jax import cli
   cli.absl_run(main)

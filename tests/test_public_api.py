@@ -24,3 +24,10 @@ def test_calibration_does_not_import_the_train_loop():
           "print('matquant_jax.training.trainer' in sys.modules)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
+
+
+def test_facade_names():
+  import matquant_jax
+  from matquant_jax import quant
+  assert callable(matquant_jax.fake_quant) and callable(quant.fake_quant.fake_quant)
+  assert str(matquant_jax.PrecisionPlan.parse("ffn:int4")) == "ffn:int4"
