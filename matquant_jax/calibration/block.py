@@ -156,61 +156,53 @@ def _per_width_inputs(objective: objectives_lib.Objective) -> dict[str, jax.Arra
   }
 
 
-@functools.lru_cache(maxsize=64)
-def block_functions(config: TransformerConfig, layer: int,
-                    objective: objectives_lib.Objective, options: StepOptions,
-                    mesh: jax.sharding.Mesh) -> BlockFunctions:
-  """Builds (and caches per locality) the jitted functions of a block.
+@dataclasses.dataclass
+class _Block:
+  """The unjitted computations of one block shape: forwards, the loss over R, the step."""
+  config: TransformerConfig
+  module: Any
+  objective: objectives_lib.Objective
+  options: StepOptions
+  tx: Any
 
-  Args:
-    config: the model.
-    layer: any layer index; functions are shared by all layers of the same locality.
-    objective: R, λ, ground-truth / distillation terms, extra precision, parent bits.
-    options: static step options.
-    mesh: the device mesh; batches are split over its ('data', 'fsdp') axes.
-  """
-  rep = representative_layer(config, layer)
-  if rep != layer:
-    return block_functions(config, rep, objective, options, mesh)
-  module = _block_module(config, layer, options.compute_dtype)
-  copts = options.calib
-  quantized_inputs = options.input_mode != "fp"
-  has_distill = bool(objective.distill)
-  tx = make_optimizer(options)
+  @property
+  def quantized_inputs(self) -> bool:
+    return self.options.input_mode != "fp"
 
-  def apply(params, x, positions, segment_ids):
-    y, _ = module.apply({"params": params}, x, positions, segment_ids)
+  def apply(self, params, x, positions, segment_ids):
+    y, _ = self.module.apply({"params": params}, x, positions, segment_ids)
     return y
 
-  def q_apply(block_params, calib, bits, x, positions, segment_ids):
+  def q_apply(self, block_params, calib, bits, x, positions, segment_ids):
     qp = transform.quantized_block_params(
-        config, block_params, calib, bits, options=copts, parent_bits=objective.parent_bits,
-        extra_precision=objective.extra_precision)
-    return apply(qp, x, positions, segment_ids)
+        self.config, block_params, calib, bits, options=self.options.calib,
+        parent_bits=self.objective.parent_bits, extra_precision=self.objective.extra_precision)
+    return self.apply(qp, x, positions, segment_ids)
 
-  def fp_forward(block_params, x, positions, segment_ids):
-    y = apply(block_params, x, positions, segment_ids)
+  def fp_forward(self, block_params, x, positions, segment_ids):
+    y = self.apply(block_params, x, positions, segment_ids)
     mask = (segment_ids != 0).astype(jnp.float32)
     return y.astype(x.dtype), _sq_err(y, x, mask)
 
-  def quant_forward(block_params, calib, x, positions, segment_ids, bits):
-    return q_apply(block_params, calib, bits, x, positions, segment_ids).astype(x.dtype)
+  def quant_forward(self, block_params, calib, x, positions, segment_ids, bits):
+    return self.q_apply(block_params, calib, bits, x, positions, segment_ids).astype(x.dtype)
 
-  def micro_loss_and_grads(calib, block_params, batch):
+  def micro_loss_and_grads(self, calib, block_params, batch):
     """Loss, grads and per-width errors of one (micro-)batch: a scan over R."""
     mask = (batch["segment_ids"] != 0).astype(jnp.float32)
-    xs = _per_width_inputs(objective)
-    if quantized_inputs:
+    has_distill = bool(self.objective.distill)
+    xs = _per_width_inputs(self.objective)
+    if self.quantized_inputs:
       xs["x"] = batch["x"]
     y = batch["y"]
 
     def body(carry, xr):
       grads, total, y_t = carry
-      x_in = xr["x"] if quantized_inputs else batch["x"]
+      x_in = xr["x"] if self.quantized_inputs else batch["x"]
 
       def loss_fn(c):
-        y_r = q_apply(block_params, c, xr["bits"], x_in, batch["positions"],
-                      batch["segment_ids"])
+        y_r = self.q_apply(block_params, c, xr["bits"], x_in, batch["positions"],
+                           batch["segment_ids"])
         e_gt = _mse(y_r, y, mask)
         e_t = _mse(y_r, jax.lax.stop_gradient(y_t), mask) if has_distill else jnp.zeros(())
         loss = xr["lam"] * (xr["gt"] * e_gt + xr["dist"] * e_t)
@@ -227,71 +219,96 @@ def block_functions(config: TransformerConfig, layer: int,
     (grads, total, _), (e_gt, e_t) = jax.lax.scan(body, (zeros, jnp.zeros(()), y_t0), xs)
     return total, grads, e_gt, e_t
 
-  def loss_and_grads(calib, block_params, batch):
-    m = options.num_microbatches
+  def loss_and_grads(self, calib, block_params, batch):
+    """micro_loss_and_grads averaged over options.num_microbatches (a scan)."""
+    m = self.options.num_microbatches
     if m == 1:
-      return micro_loss_and_grads(calib, block_params, batch)
-
-    def split(v, axis):
-      # [.., B, ..] -> [M, .., B/M, ..] keeping each device's rows together: row b goes to
-      # micro-batch b % M, so a batch sharded over devices splits without communication.
-      v = jnp.moveaxis(v, axis, 0)
-      b = v.shape[0]
-      v = v.reshape((b // m, m) + v.shape[1:]).swapaxes(0, 1)
-      return jnp.moveaxis(v, 1, axis + 1)
-
-    micro = {k: split(v, 1 if (k == "x" and quantized_inputs) else 0) for k, v in batch.items()}
+      return self.micro_loss_and_grads(calib, block_params, batch)
+    micro = _split_microbatches(batch, m, self.quantized_inputs)
 
     def body(carry, mb):
       grads, total, e_gt, e_t = carry
-      t, g, a, b = micro_loss_and_grads(calib, block_params, mb)
+      t, g, a, b = self.micro_loss_and_grads(calib, block_params, mb)
       return (jax.tree_util.tree_map(jnp.add, grads, g), total + t, e_gt + a, e_t + b), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, calib)
-    nb = len(objective.bits)
+    nb = len(self.objective.bits)
     (grads, total, e_gt, e_t), _ = jax.lax.scan(
         body, (zeros, jnp.zeros(()), jnp.zeros((nb,)), jnp.zeros((nb,))), micro)
     scale = 1.0 / m
     return (total * scale, jax.tree_util.tree_map(lambda g: g * scale, grads), e_gt * scale,
             e_t * scale)
 
-  def train_step(calib, opt_state, block_params, batch):
-    loss, grads, e_gt, e_t = loss_and_grads(calib, block_params, batch)
-    updates, opt_state = tx.update(grads, opt_state, calib)
+  def train_step(self, calib, opt_state, block_params, batch):
+    loss, grads, e_gt, e_t = self.loss_and_grads(calib, block_params, batch)
+    updates, opt_state = self.tx.update(grads, opt_state, calib)
     calib = optax.apply_updates(calib, updates)
     gnorm = optax.global_norm(grads)
     metrics = {"loss": loss, "grad_norm": gnorm, "mse": e_gt, "distill": e_t,
                "finite": jnp.isfinite(loss) & jnp.isfinite(gnorm)}
     return calib, opt_state, metrics
 
-  def evaluate(block_params, calib, batch):
+  def evaluate(self, block_params, calib, batch):
     mask = (batch["segment_ids"] != 0).astype(jnp.float32)
-    xs = {"bits": jnp.asarray(objective.bits, jnp.int32)}
-    if quantized_inputs:
+    xs = {"bits": jnp.asarray(self.objective.bits, jnp.int32)}
+    if self.quantized_inputs:
       xs["x"] = batch["x"]
 
     def body(_, xr):
-      x_in = xr["x"] if quantized_inputs else batch["x"]
-      y_r = q_apply(block_params, calib, xr["bits"], x_in, batch["positions"],
-                    batch["segment_ids"])
+      x_in = xr["x"] if self.quantized_inputs else batch["x"]
+      y_r = self.q_apply(block_params, calib, xr["bits"], x_in, batch["positions"],
+                         batch["segment_ids"])
       return None, _sq_err(y_r, batch["y"], mask)
 
     _, sse = jax.lax.scan(body, None, xs)
     return sse, jnp.sum(mask) * batch["y"].shape[-1]
 
+
+def _split_microbatches(batch, m: int, quantized_inputs: bool):
+  """[.., B, ..] -> [M, .., B/M, ..] per array, keeping each device's rows together: row b goes
+  to micro-batch b % M, so a batch sharded over devices splits without communication."""
+  def split(v, axis):
+    v = jnp.moveaxis(v, axis, 0)
+    b = v.shape[0]
+    v = v.reshape((b // m, m) + v.shape[1:]).swapaxes(0, 1)
+    return jnp.moveaxis(v, 1, axis + 1)
+
+  return {k: split(v, 1 if (k == "x" and quantized_inputs) else 0) for k, v in batch.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def block_functions(config: TransformerConfig, layer: int,
+                    objective: objectives_lib.Objective, options: StepOptions,
+                    mesh: jax.sharding.Mesh) -> BlockFunctions:
+  """Builds (and caches per locality) the jitted functions of a block.
+
+  Args:
+    config: the model.
+    layer: any layer index; functions are shared by all layers of the same locality.
+    objective: R, λ, ground-truth / distillation terms, extra precision, parent bits.
+    options: static step options.
+    mesh: the device mesh; batches are split over its ('data', 'fsdp') axes.
+  """
+  rep = representative_layer(config, layer)
+  if rep != layer:
+    return block_functions(config, rep, objective, options, mesh)
+  tx = make_optimizer(options)
+  blk = _Block(config, _block_module(config, layer, options.compute_dtype), objective, options,
+               tx)
+  quantized_inputs = blk.quantized_inputs
   replicated = NamedSharding(mesh, P())
   batch_sh = NamedSharding(mesh, P(BATCH_AXES))
   stacked_sh = NamedSharding(mesh, P(None, BATCH_AXES))
   x_sh = stacked_sh if quantized_inputs else batch_sh
   batch_shardings = {"x": x_sh, "y": batch_sh, "positions": batch_sh, "segment_ids": batch_sh}
   return BlockFunctions(
-      fp_forward=jax.jit(fp_forward, out_shardings=(batch_sh, replicated)),
-      quant_forward=jax.jit(quant_forward, out_shardings=batch_sh),
-      evaluate=jax.jit(evaluate, out_shardings=replicated),
-      train_step=jax.jit(train_step, in_shardings=(replicated, replicated, replicated,
-                                                   batch_shardings),
+      fp_forward=jax.jit(blk.fp_forward, out_shardings=(batch_sh, replicated)),
+      quant_forward=jax.jit(blk.quant_forward, out_shardings=batch_sh),
+      evaluate=jax.jit(blk.evaluate, out_shardings=replicated),
+      train_step=jax.jit(blk.train_step, in_shardings=(replicated, replicated, replicated,
+                                                       batch_shardings),
                          out_shardings=(replicated, replicated, replicated),
                          donate_argnums=(0, 1)),
       init_opt=jax.jit(tx.init, out_shardings=replicated),
-      loss_and_grads=loss_and_grads,
+      loss_and_grads=blk.loss_and_grads,
       batch_sharding=batch_sh, stacked_sharding=stacked_sh, replicated=replicated)

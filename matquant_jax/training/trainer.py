@@ -399,7 +399,6 @@ def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Runs (or resumes) the experiment in `workdir`; returns a summary dict."""
   import orbax.checkpoint as ocp
-  from matquant_jax.checkpoints.matquant_checkpoint import export_matquant_checkpoint
   from matquant_jax.data import lm
 
   if config.aot_topology:
@@ -411,13 +410,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   dcfg = data_config(config)
   workdir.mkdir(parents=True, exist_ok=True)
   log = metrics_lib.MetricsLogger(workdir, setup.num_steps, prefix=config.run_name)
-  log.text(f"matquant_jax train: {setup.model.name} | {setup.objective.describe()} | "
-           f"{setup.num_steps} steps of {setup.global_batch_size}×{setup.seq_len} tokens | "
-           f"mesh {dict(setup.mesh.shape)} | {jax.device_count()} {jax.default_backend()} devices")
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    # The architecture itself, so run:<workdir> works whatever config.model said ('auto').
-    (workdir / "model_config.json").write_text(json.dumps(setup.model.to_dict(), indent=2))
+  _write_run_files(config, setup, workdir, log)
 
   tx, schedule = make_optimizer(config, setup)
   t0 = time.time()
@@ -440,11 +433,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   data_iter = lm.HostBatches(dcfg, tokenizer, split="train", num_shards=data_num_shards(config),
                              process_index=jax.process_index(),
                              process_count=jax.process_count())
-
   mngr = ocp.CheckpointManager(
       workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
       item_names=("state", "data"))
+  try:
+    state = _initial_state(config, setup, tx, shardings, mngr, data_iter, log)
+    state, step, last_metrics = _train_loop(config, setup, jitted, state, data_iter, mngr, log)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  summary = {"steps": step, "final_metrics": last_metrics, "memory": mem,
+             **_save_final(config, setup, state, step, workdir, log)}
+  log.close()
+  return summary
+
+
+def _write_run_files(config, setup: Setup, workdir: pathlib.Path, log) -> None:
+  log.text(f"matquant_jax train: {setup.model.name} | {setup.objective.describe()} | "
+           f"{setup.num_steps} steps of {setup.global_batch_size}×{setup.seq_len} tokens | "
+           f"mesh {dict(setup.mesh.shape)} | {jax.device_count()} {jax.default_backend()} devices")
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    # The architecture itself, so run:<workdir> works whatever config.model said ('auto').
+    (workdir / "model_config.json").write_text(json.dumps(setup.model.to_dict(), indent=2))
+
+
+def _initial_state(config, setup: Setup, tx, shardings, mngr, data_iter, log) -> TrainState:
+  """The latest checkpoint's state (and the data iterator's position), else a fresh state."""
+  import orbax.checkpoint as ocp
   latest = mngr.latest_step()
   if latest is not None:
     abstract_state = jax.tree_util.tree_map(
@@ -452,15 +469,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         _abstract_state(setup, tx, shardings))
     restored = mngr.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    state = restored["state"]
     data_iter.set_state(restored["data"])
-    log.text(f"resumed from {workdir / 'checkpoints'} at step {latest}")
-  else:
-    params = initial_params(config, setup, shardings.params, jax.random.key(config.seed))
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-                       params=params, opt_state=opt_state)
+    log.text(f"resumed from {mngr.directory} at step {latest}")
+    return restored["state"]
+  params = initial_params(config, setup, shardings.params, jax.random.key(config.seed))
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                    params=params, opt_state=opt_state)
 
+
+def _train_loop(config, setup: Setup, jitted, state: TrainState, data_iter, mngr, log):
+  """Steps to config's end (or the data's); logs every log_every_steps, checkpoints every
+  checkpoint_every_steps. Returns (state, step, last logged metrics)."""
+  import orbax.checkpoint as ocp
   flops_per_step = (metrics_lib.train_flops_per_token(setup.model, setup.seq_len) *
                     setup.global_batch_size * setup.seq_len * max(len(setup.objective.bits), 1))
   peak = config.peak_flops_per_device or metrics_lib.peak_flops_per_device()
@@ -469,44 +490,47 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   pending = None  # (step, metrics) of the last dispatched step, checked one step later
   window_start, window_steps = time.time(), 0
   last_metrics: dict[str, float] = {}
-  try:
-    while step < setup.num_steps:
-      try:
-        batch = next(data_iter)
-      except StopIteration:
-        log.text(f"data exhausted after step {step} (num_epochs/max_tokens); stopping early.")
-        break
-      state, m = jitted(state, _to_global(batch, bsh))
-      step += 1
-      window_steps += 1
-      if pending is not None:
-        _check_finite(*pending)
-      pending = (step, m)
-      if step % config.log_every_steps == 0 or step == setup.num_steps:
-        _check_finite(step, m)
-        host = {k: float(v) for k, v in jax.device_get(m).items() if k != "finite"}
-        dt = time.time() - window_start
-        host["step_time_s"] = dt / window_steps
-        host["tokens_per_s"] = setup.global_batch_size * setup.seq_len * window_steps / dt
-        if peak:
-          host["mfu"] = flops_per_step * window_steps / dt / (peak * jax.device_count())
-        log.log(step, host)
-        last_metrics = host
-        window_start, window_steps = time.time(), 0
-      if step % config.checkpoint_every_steps == 0 or step == setup.num_steps:
-        _check_finite(step, m)
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(gather_data_state(data_iter.get_state()))))
+  while step < setup.num_steps:
+    try:
+      batch = next(data_iter)
+    except StopIteration:
+      log.text(f"data exhausted after step {step} (num_epochs/max_tokens); stopping early.")
+      break
+    state, m = jitted(state, _to_global(batch, bsh))
+    step += 1
+    window_steps += 1
     if pending is not None:
       _check_finite(*pending)
-    mngr.wait_until_finished()
-  finally:
-    mngr.close()
+    pending = (step, m)
+    if step % config.log_every_steps == 0 or step == setup.num_steps:
+      _check_finite(step, m)
+      host = {k: float(v) for k, v in jax.device_get(m).items() if k != "finite"}
+      dt = time.time() - window_start
+      host["step_time_s"] = dt / window_steps
+      host["tokens_per_s"] = setup.global_batch_size * setup.seq_len * window_steps / dt
+      if peak:
+        host["mfu"] = flops_per_step * window_steps / dt / (peak * jax.device_count())
+      log.log(step, host)
+      last_metrics = host
+      window_start, window_steps = time.time(), 0
+    if step % config.checkpoint_every_steps == 0 or step == setup.num_steps:
+      _check_finite(step, m)
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(gather_data_state(data_iter.get_state()))))
+  if pending is not None:
+    _check_finite(*pending)
+  return state, step, last_metrics
 
+
+def _save_final(config, setup: Setup, state: TrainState, step: int, workdir: pathlib.Path,
+                log) -> dict[str, str]:
+  """final_params (per-layer layout, what every reader and the export take) and, unless the
+  objective is bf16, the int8 MatQuant checkpoint."""
+  import orbax.checkpoint as ocp
+  from matquant_jax.checkpoints.matquant_checkpoint import export_matquant_checkpoint
   final = workdir / "final_params"
   ckptr = ocp.StandardCheckpointer()
-  # Outside the train state, params are always in the per-layer layout (readers, export).
   final_params = state.params
   if setup.scan_layers:
     final_params = jax.jit(lambda p: transformer_lib.unstack_layers(p, setup.model),
@@ -514,8 +538,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                                state.params)
   ckptr.save(final, final_params, force=True)
   ckptr.wait_until_finished()
-  summary = {"steps": step, "final_metrics": last_metrics, "memory": mem,
-             "final_params": str(final)}
+  out = {"final_params": str(final)}
   if config.export and setup.objective.method != "bf16":
     path = export_matquant_checkpoint(
         workdir / "matquant_int8", setup.model, final_params, scope=setup.objective.scope,
@@ -524,9 +547,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                   "extra_precision": setup.objective.extra_precision,
                   "config": json.loads(config.to_json_best_effort())})
     log.text(f"exported the int8 MatQuant checkpoint to {path}")
-    summary["export"] = str(path)
-  log.close()
-  return summary
+    out["export"] = str(path)
+  return out
 
 
 def aot_topology_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
