@@ -244,7 +244,21 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> CalibSetup:
         family=weight_source.lambda_family(model) if o.family == "auto" else o.family)
   except ValueError as e:
     raise ConfigError(f"config.objective: {e}") from None
-  cal = config.calibration
+  cal, d = config.calibration, config.data
+  step = _step_options(cal, objective)
+  _check_calibration(cal)
+  b = _check_batches(cal, d)
+  mesh = _mesh(config, b, devices)
+  steps = _steps_per_block(cal, objective, b, int(d.seq_len))
+  _check_run(config)
+  return CalibSetup(model=model, objective=objective, step=step, mesh=mesh, batch_size=b,
+                    num_samples=int(d.num_samples), seq_len=int(d.seq_len),
+                    steps_per_block=steps, budget_tokens=int(steps * b * d.seq_len),
+                    seed=int(config.seed), host_dtype=cal.host_dtype,
+                    log_every_steps=int(config.log_every_steps))
+
+
+def _step_options(cal, objective) -> block_lib.StepOptions:
   try:
     calib_opts = transform.CalibOptions(
         scope=objective.scope, lwc=bool(cal.lwc), lwc_init_logit=float(cal.lwc_init_logit),
@@ -257,6 +271,11 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> CalibSetup:
         let_lr=None if cal.let_lr is None else float(cal.let_lr))
   except ValueError as e:
     raise ConfigError(f"config.calibration: {e}") from None
+  return step
+
+
+def _check_calibration(cal) -> None:
+  """Every numeric field of config.calibration in range."""
   if not cal.lwc and cal.let == "none":
     raise ConfigError("config.calibration: lwc=False and let='none' leave nothing to learn; "
                       "that is plain MinMax (export it with export_matquant_checkpoint).")
@@ -280,7 +299,9 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> CalibSetup:
     if cal[f] not in HOST_DTYPES:
       raise ConfigError(f"config.calibration.{f}={cal[f]!r}; choose one of {HOST_DTYPES}.")
 
-  d = config.data
+
+def _check_batches(cal, d) -> int:
+  """config.data against the calibration batch; returns the batch size."""
   if d.seq_len <= 1:
     raise ConfigError(f"config.data.seq_len={d.seq_len} must be > 1.")
   if d.num_samples <= 0:
@@ -296,7 +317,12 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> CalibSetup:
     raise ConfigError(f"config.data.num_samples={d.num_samples} is not a multiple of "
                       f"calibration.batch_size={b}: every epoch must consist of whole batches "
                       f"(the evaluation passes and the sample order rely on it).")
+  return b
 
+
+def _mesh(config, b: int, devices):
+  """The data-parallel mesh of this host's devices (config.mesh.data; 0 = auto)."""
+  cal = config.calibration
   devices = list(devices if devices is not None else jax.local_devices())
   if jax.process_count() > 1:
     raise ConfigError("calibration runs in one process (one host); launch it on one host of "
@@ -319,7 +345,11 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> CalibSetup:
     mesh = sharding_lib.make_mesh(n_data, 1, 1, devices=devices[:n_data])
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from None
+  return mesh
 
+
+def _steps_per_block(cal, objective, b: int, seq_len: int) -> int:
+  """config.calibration.steps_per_block, or derived from the token budget."""
   budget = cal.budget_tokens
   if budget is None:
     budget = paper_budget_tokens(objective)
@@ -329,10 +359,15 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> CalibSetup:
     if budget <= 0:
       raise ConfigError(f"config.calibration.budget_tokens={budget} must be positive (or set "
                         f"steps_per_block).")
-    steps = math.ceil(budget / (b * d.seq_len))
+    steps = math.ceil(budget / (b * seq_len))
   if steps <= 0:
     raise ConfigError(f"config.calibration.steps_per_block={cal.steps_per_block} must be "
                       f">= 0.")
+  return steps
+
+
+def _check_run(config) -> None:
+  """Required paths set unless only compiling; logging and stopping fields in range."""
   if not config.aot_only:
     for f, example in (("init", "gemma:/ckpts/gemma2-9b"),
                        ("tokenizer", "/ckpts/tokenizer.model")):
@@ -344,8 +379,3 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> CalibSetup:
     raise ConfigError(f"config.log_every_steps={config.log_every_steps} must be positive.")
   if config.stop_after_blocks < 0:
     raise ConfigError(f"config.stop_after_blocks={config.stop_after_blocks} must be >= 0.")
-  return CalibSetup(model=model, objective=objective, step=step, mesh=mesh, batch_size=b,
-                    num_samples=int(d.num_samples), seq_len=int(d.seq_len),
-                    steps_per_block=steps, budget_tokens=int(steps * b * d.seq_len),
-                    seed=int(config.seed), host_dtype=cal.host_dtype,
-                    log_every_steps=int(config.log_every_steps))
