@@ -258,28 +258,10 @@ def main(argv) -> int:
     return cli.error(PROG, f"the tokenizer has {tokenizer.vocab_size} pieces but the model "
                            f"only {model.config.vocab_size}; pass the tokenizer the model was "
                            f"trained with.")
-  length = max(len(e) for e in encoded)
-  prompts = np.full((len(encoded), length), model.config.pad_id, np.int32)
-  for i, e in enumerate(encoded):
-    prompts[i, :len(e)] = e
-  lengths = np.array([len(e) for e in encoded], np.int32)
-  kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                top_p=_TOP_P.value, rng=jax.random.key(_SEED.value),
-                eos_ids=tokenizer.stop_ids)
-
-  def run():
-    t = time.perf_counter()
-    out = model.generate(prompts, lengths, **kwargs)
-    jax.block_until_ready(out.tokens)
-    return out, time.perf_counter() - t
-
   try:
-    out, first_s = run()
+    out, first_s, timed_s = _generate(model, encoded, tokenizer.stop_ids)
   except ValueError as e:  # e.g. a forced --kernel that cannot run these shapes
     return cli.error(PROG, e)
-  timed_s = first_s
-  if _WARMUP.value:
-    out, timed_s = run()
   tokens = np.asarray(out.tokens)
   generated = np.asarray(out.lengths)
   texts = [tokenizer.decode([int(t) for t in row[:n] if int(t) not in tokenizer.stop_ids])
@@ -299,18 +281,49 @@ def main(argv) -> int:
   }
   if _JSON.value:
     print(json.dumps({"texts": texts, **summary}, indent=2))
-    return 0
+  else:
+    _print_text(texts_in, texts, summary, first_s)
+  return 0
+
+
+def _generate(model, encoded: list[list[int]], stop_ids):
+  """(output, seconds of the first run, seconds of the timed run) of the right-padded batch;
+  with --warmup the second, already compiled, run is the timed one."""
+  import jax
+  import numpy as np
+  length = max(len(e) for e in encoded)
+  prompts = np.full((len(encoded), length), model.config.pad_id, np.int32)
+  for i, e in enumerate(encoded):
+    prompts[i, :len(e)] = e
+  lengths = np.array([len(e) for e in encoded], np.int32)
+  kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                top_p=_TOP_P.value, rng=jax.random.key(_SEED.value), eos_ids=stop_ids)
+
+  def run():
+    t = time.perf_counter()
+    out = model.generate(prompts, lengths, **kwargs)
+    jax.block_until_ready(out.tokens)
+    return out, time.perf_counter() - t
+
+  out, first_s = run()
+  timed_s = first_s
+  if _WARMUP.value:
+    out, timed_s = run()
+  return out, first_s, timed_s
+
+
+def _print_text(texts_in, texts, summary: dict, first_s: float) -> None:
+  weight_bytes, memory = summary["weight_bytes"], summary["device_memory"]
   for prompt, text in zip(texts_in, texts):
     print(f"{prompt}{text}")
     print()
-  print(f"plan {summary['plan']} ({dtype.name}, {summary['backend']}): "
+  print(f"plan {summary['plan']} ({summary['dtype']}, {summary['backend']}): "
         f"{summary['generated_tokens']} tokens, {summary['tokens_per_s']} tokens/s "
         f"(compile + first run {first_s:.2f} s)")
   print(f"resident weights: {_mib(weight_bytes['total'])} (quantized kernels "
         f"{_mib(weight_bytes['quantized_kernels'])}, float params {_mib(weight_bytes['float'])}); "
         f"device bytes in use {_mib(memory['bytes_in_use'])} "
         f"({'allocator stats' if memory['source'] == 'memory_stats' else 'sum of live arrays'})")
-  return 0
 
 
 if __name__ == "__main__":
