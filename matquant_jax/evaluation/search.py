@@ -462,39 +462,18 @@ def search(ckpt: MatQuantCheckpoint, scorer: PlanScorer, sens: Sensitivity, budg
   fitting = [j for j in range(len(sens.widths)) if fits((j,) * len(sens.units))]
   if fitting:
     evaluate((max(fitting),) * len(sens.units))
-  fixed_kl = {}
-  if unit == "bits":
-    for strategy in MIX_N_MATCH:
-      try:
-        plan = PrecisionPlan.mix_n_match(strategy, budget=budget, scope=ckpt.scope,
-                                         extra_precision=scorer.extra_precision)
-      except ValueError:
-        continue
-      levels = _levels_of_plan(ckpt, sens, plan)
-      if levels is not None and fits(levels):
-        fixed_kl[strategy.value] = evaluate(levels)
+  fixed_kl = {name: evaluate(levels) for name, levels in
+              _fixed_strategies(ckpt, sens, budget, scorer.extra_precision, fits).items()
+              } if unit == "bits" else {}
   best = min(seen, key=seen.get)
   log(f"  budget {budget:g} {unit}: solver plan KL {solver_kl:.4f}" + "".join(
       f", {k} {v:.4f}" for k, v in fixed_kl.items()))
   remaining = max_evals - spent - (scorer.evaluations - start_evals)
   rng = np.random.default_rng(seed)
-  num_units, top = len(sens.units), len(sens.widths) - 1
+  top = len(sens.widths) - 1
   stale = 0
   while remaining > 0 and stale < PATIENCE:
-    proposals = set()
-    for _ in range(PROPOSALS_PER_GENERATION):
-      levels = list(best)
-      up = int(rng.integers(num_units))
-      if levels[up] == top:
-        continue
-      levels[up] = int(rng.integers(levels[up] + 1, top + 1))
-      for v in rng.permutation(num_units):
-        if fits(levels):
-          break
-        if v != up and levels[v] > 0:
-          levels[v] = int(rng.integers(0, levels[v]))
-      if fits(levels) and tuple(levels) not in seen:
-        proposals.add(tuple(levels))
+    proposals = _proposals(best, rng, top, fits, seen)
     if not proposals:
       stale += 1
       continue
@@ -513,6 +492,43 @@ def search(ckpt: MatQuantCheckpoint, scorer: PlanScorer, sens: Sensitivity, budg
       effective_bits=ckpt.effective_bits(plan), kernel_bytes=kernel_bytes(ckpt, widths),
       calibration_kl=seen[best], solver_kl=solver_kl, fixed_kl=fixed_kl,
       evaluations=spent + scorer.evaluations - start_evals, seconds=time.time() - t0)
+
+
+def _fixed_strategies(ckpt, sens: Sensitivity, budget: float, extra_precision: bool, fits
+                      ) -> dict[str, tuple[int, ...]]:
+  """The four fixed Mix'n'Match layouts at this budget, as search levels, where they fit."""
+  out = {}
+  for strategy in MIX_N_MATCH:
+    try:
+      plan = PrecisionPlan.mix_n_match(strategy, budget=budget, scope=ckpt.scope,
+                                       extra_precision=extra_precision)
+    except ValueError:
+      continue
+    levels = _levels_of_plan(ckpt, sens, plan)
+    if levels is not None and fits(levels):
+      out[strategy.value] = levels
+  return out
+
+
+def _proposals(best, rng, top: int, fits, seen) -> set[tuple[int, ...]]:
+  """One generation of mutations of `best`: raise one unit's width, then lower random others
+  until the plan fits the budget (EvoPress-style); only new, fitting plans."""
+  num_units = len(best)
+  proposals = set()
+  for _ in range(PROPOSALS_PER_GENERATION):
+    levels = list(best)
+    up = int(rng.integers(num_units))
+    if levels[up] == top:
+      continue
+    levels[up] = int(rng.integers(levels[up] + 1, top + 1))
+    for v in rng.permutation(num_units):
+      if fits(levels):
+        break
+      if v != up and levels[v] > 0:
+        levels[v] = int(rng.integers(0, levels[v]))
+    if fits(levels) and tuple(levels) not in seen:
+      proposals.add(tuple(levels))
+  return proposals
 
 
 # Running a search from text ----------------------------------------------------------------------

@@ -92,6 +92,20 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
                                   devices=devices)
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from None
+  _check_data(config, mesh)
+  _check_optimizer(config.optimizer)
+  num_steps = _num_steps(config)
+  _check_run(config, model)
+  d = config.data
+  return Setup(model=model, objective=objective, mesh=mesh,
+               compute_dtype=COMPUTE_DTYPES[config.compute_dtype], num_steps=num_steps,
+               seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
+               train_scope=config.train_scope, scan_layers=bool(config.scan_layers),
+               remat=config.remat, loss_chunk_size=int(config.loss_chunk_size))
+
+
+def _check_data(config, mesh) -> None:
+  """Sequence length, and a global batch that splits over devices, hosts and data shards."""
   d = config.data
   if d.seq_len <= 1:
     raise ConfigError(f"config.data.seq_len={d.seq_len} must be > 1.")
@@ -110,7 +124,11 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
   if d.global_batch_size % shards:
     raise ConfigError(f"config.data.global_batch_size={d.global_batch_size} is not divisible "
                       f"by config.data.num_shards={shards}.")
-  _check_optimizer(config.optimizer)
+
+
+def _num_steps(config) -> int:
+  """config.num_steps, or (0) the batches the data pipeline yields under data.max_tokens."""
+  d = config.data
   num_steps = int(config.num_steps)
   if num_steps < 0:
     raise ConfigError(f"config.num_steps={num_steps} must be >= 0 (0 = derive the step count "
@@ -126,6 +144,11 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
     if num_steps <= 0:
       raise ConfigError(f"config.data.max_tokens={d.max_tokens} is less than one batch "
                         f"({d.global_batch_size}×{d.seq_len} tokens).")
+  return num_steps
+
+
+def _check_run(config, model) -> None:
+  """Required paths, logging/checkpoint cadence, remat, scanned layers and loss chunks."""
   if not config.aot_only:
     for f, example in (("init", "gemma:/ckpts/gemma2-9b"), ("tokenizer", "/ckpts/tokenizer.model")):
       if config[f] == "required":
@@ -147,11 +170,6 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
   if config.loss_chunk_size < 0:
     raise ConfigError(f"config.loss_chunk_size={config.loss_chunk_size} must be >= 0 "
                       f"(0 = whole-sequence logits).")
-  return Setup(model=model, objective=objective, mesh=mesh,
-               compute_dtype=COMPUTE_DTYPES[config.compute_dtype], num_steps=num_steps,
-               seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
-               train_scope=config.train_scope, scan_layers=bool(config.scan_layers),
-               remat=config.remat, loss_chunk_size=int(config.loss_chunk_size))
 
 
 def _check_optimizer(o: ml_collections.ConfigDict) -> None:
