@@ -252,7 +252,11 @@ def _run_stages(jobs: list[tuple], workers: int) -> list[dict]:
 
 
 def run(args) -> dict:
-  """The demo (see the module docstring); returns the summary it prints last."""
+  """The demo (see the module docstring); returns the summary it prints last.
+
+  Long: the demo's stages in the order they run (tokenizer, pretraining, QAT and OmniQuant
+  stages, evaluation, report).
+  """
   t_start = time.time()
   work = pathlib.Path(args.workdir).absolute()
   out = pathlib.Path(args.out).absolute()

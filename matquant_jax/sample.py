@@ -218,6 +218,10 @@ def _mib(n: int) -> str:
 
 
 def main(argv) -> int:
+  """Samples from a checkpoint at a plan (module docstring).
+
+  Long: the command's steps in order (validate, load, generate, report), each with its error.
+  """
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every array it restores at INFO
   import jax

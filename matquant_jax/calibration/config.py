@@ -63,7 +63,11 @@ HOST_DTYPES = ("float32", "bfloat16")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every field of a calibration run, typed (typos and ill-typed overrides are errors)."""
+  """Every field of a calibration run, typed (typos and ill-typed overrides are errors).
+
+  Long: one line per config field with its documented default: the reference a reader scans,
+  kept in one place.
+  """
   c = ml_collections.ConfigDict()
   c.model = "gemma2_2b"          # a preset of matquant_jax.models.config.PRESETS
   # Weights to calibrate: random | run:<workdir> | hf:<dir> | gemma:<dir> | mistral:<dir>

@@ -34,7 +34,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from matquant_jax.checkpoints import _common
-from matquant_jax.checkpoints._common import CheckpointMismatchError
 from matquant_jax.models import config as config_lib
 from matquant_jax.models.config import TransformerConfig
 

@@ -91,6 +91,9 @@ def export_matquant_checkpoint(
   axes of size 1), as OmniQuant calibration learns them (matquant_jax.calibration): the codes,
   α and z are then those of Q_Omni (spec Eq. 3) instead of plain MinMax. Kernels not listed
   use plain MinMax. The stored format is unchanged: α and z already carry the clipping.
+
+  Long: argument checks, then quantize, then write and describe: one linear export a reader
+  follows top to bottom.
   """
   path = pathlib.Path(path)
   scope = Scope(scope) if not isinstance(scope, Scope) else scope

@@ -432,7 +432,11 @@ def _levels_of_plan(ckpt, sens: Sensitivity, plan: PrecisionPlan) -> tuple[int, 
 def search(ckpt: MatQuantCheckpoint, scorer: PlanScorer, sens: Sensitivity, budget: float, *,
            unit: str = "bits", max_evals: int = DEFAULT_MAX_EVALS, seed: int = 0,
            log: Callable[[str], None] = print) -> SearchResult:
-  """Steps 2 and 3 for one budget, from a shared step 1 (module docstring)."""
+  """Steps 2 and 3 for one budget, from a shared step 1 (module docstring).
+
+  Long: steps 2 and 3 of the method read top to bottom; its pieces (_proposals,
+  _fixed_strategies, solve_budget) are separate.
+  """
   t0 = time.time()
   cap = capacity_bits(ckpt, budget, unit)
   sizes = [u.size for u in sens.units]

@@ -260,6 +260,8 @@ def hf_config_from_config(config: TransformerConfig, model_type: str | None = No
 
   Raises:
     ValueError: when the architecture cannot be expressed by that HF model class.
+
+  Long: a field-by-field mapping to transformers' config.json for both architectures.
   """
   model_type = model_type or hf_model_type(config)
   if model_type not in _ARCHITECTURES:

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The QAT config every experiment starts from.
+
+  Long: one line per config field with its documented default, the reference a reader scans.
+  """
   c = ml_collections.ConfigDict()
   c.model = "gemma2_2b"          # a preset of models.config.PRESETS, or "auto" (init's own)
   # Where the starting weights come from: "random", "run:<workdir>" (the final params of an

@@ -144,6 +144,9 @@ def make_objective(
     scope: "ffn" (paper default) or "ffn+attn".
     extra_precision: unclamped slices (default True only for method extra_precision).
     family: "gemma" or "mistral", for the default λ.
+
+  Long: each method's defaults and each argument's check with its own message, in one table-like
+  body.
   """
   if method not in METHODS:
     raise ValueError(f"unknown objective method {method!r}; choose one of {', '.join(METHODS)}.")
