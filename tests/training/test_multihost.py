@@ -41,7 +41,8 @@ def _cmd(workdir, *extra):
 
 def _env(devices: int):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                       "--xla_backend_optimization_level=0")  # fast compiles, as conftest
   return env
 
 

@@ -194,7 +194,8 @@ for plan, bits in (('ffn:int8', 8), ('ffn:int4', 4), ('ffn:int2', 2)):
 p = ck8.params_for(PrecisionPlan.parse('ffn:pyramid@3.0'))
 print('OK', ck8.effective_bits(PrecisionPlan.parse('ffn:int2:ep')))
 """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
