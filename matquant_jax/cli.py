@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Mapping, NoReturn, Sequence
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -81,6 +81,15 @@ def absl_run(main: Callable[[list[str]], int]) -> None:
 def fail(prog: str, message: str) -> NoReturn:
   """A usage mistake found while checking a command's flags: one line on stderr, exit 2."""
   raise SystemExit(error(prog, message))
+
+
+def check_minimums(prog: str, values, minimums: Mapping[str, int]) -> None:
+  """Each named flag of `values` (FlagValues or a namespace) is unset (None) or >= its minimum;
+  the first that is not is one error line naming it."""
+  for name, minimum in minimums.items():
+    value = getattr(values, name)
+    if value is not None and value < minimum:
+      fail(prog, f"--{name}={value} must be >= {minimum}.")
 
 
 def parse_flags(flag_values, argv: Sequence[str] | None, prog: str) -> None:

@@ -415,10 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.lambdas = tuple(float(x) for x in args.lambdas)
   except ValueError:
     cli.fail("demo", f"--lambdas={','.join(args.lambdas)}: give three numbers, e.g. 0.1,0.1,1.0")
-  for name in ("pretrain_steps", "qat_steps", "seq_len", "batch", "eval_tokens",
-               "task_examples", "jobs", "omniquant_steps", "search_tokens"):
-    if getattr(args, name) < 1:
-      cli.fail("demo", f"--{name}={getattr(args, name)} must be >= 1.")
+  cli.check_minimums("demo", args, dict.fromkeys(
+      ("pretrain_steps", "qat_steps", "seq_len", "batch", "eval_tokens", "task_examples", "jobs",
+       "omniquant_steps", "search_tokens"), 1))
   if len(args.lambdas) != 3:
     cli.fail("demo", f"--lambdas needs three weights (int8, int4, int2), got {args.lambdas}.")
   run(args)

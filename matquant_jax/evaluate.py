@@ -143,12 +143,9 @@ class Request:
 
 def _check_numbers(f) -> list[int]:
   """Ranges of the numeric flags, and the --bits widths."""
-  for name, minimum in (("batch_size", 1), ("ppl_seq_len", 2), ("ppl_max_tokens", 1),
-                        ("ppl_max_documents", 1), ("task_max_examples", 1),
-                        ("search_tokens", 1), ("search_max_evals", 1)):
-    value = getattr(f, name)
-    if value is not None and value < minimum:
-      cli.fail(PROG, f"--{name}={value} must be >= {minimum}.")
+  cli.check_minimums(PROG, f, {"batch_size": 1, "ppl_seq_len": 2, "ppl_max_tokens": 1,
+                               "ppl_max_documents": 1, "task_max_examples": 1,
+                               "search_tokens": 1, "search_max_evals": 1})
   if not f.out:
     cli.fail(PROG, "--out is required: the directory for table.{md,csv,json} and the plot.")
   try:

@@ -75,11 +75,8 @@ def _numbers(f) -> tuple[list[float], tuple[int, ...]]:
   """--budget and --widths as numbers; every count flag in range."""
   if not f.checkpoint or not f.budget:
     cli.fail(PROG, "--checkpoint=<int8 checkpoint dir> and --budget=<bits>[,...] are required.")
-  for name in ("calib_tokens", "seq_len", "batch_size", "max_evals", "eval_tokens"):
-    if getattr(f, name) < 1:
-      cli.fail(PROG, f"--{name}={getattr(f, name)} must be >= 1.")
-  if f.seq_len < 2:
-    cli.fail(PROG, f"--seq_len={f.seq_len} must be >= 2.")
+  cli.check_minimums(PROG, f, {"calib_tokens": 1, "seq_len": 2, "batch_size": 1,
+                               "max_evals": 1, "eval_tokens": 1})
   try:
     budgets = [float(t) for t in f.budget if t.strip()]
   except ValueError:

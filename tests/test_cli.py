@@ -46,3 +46,11 @@ def test_commands_keep_their_flags_apart():
 def test_error_is_one_line(capsys):
   assert cli.error("tool", "bad\n  value", code=3) == 3
   assert capsys.readouterr().err == "tool: error: bad value\n"
+
+
+def test_check_minimums_names_the_first_flag_below_its_minimum(capsys):
+  import types
+  cli.check_minimums("tool", types.SimpleNamespace(a=1, b=None), {"a": 1, "b": 5})
+  with pytest.raises(SystemExit) as e:
+    cli.check_minimums("tool", types.SimpleNamespace(a=0, b=1), {"a": 1, "b": 5})
+  assert e.value.code == 2 and capsys.readouterr().err == "tool: error: --a=0 must be >= 1.\n"
