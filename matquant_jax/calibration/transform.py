@@ -227,7 +227,8 @@ def quantized_block_params(config: TransformerConfig, block_params: Mapping[str,
     gamma, beta = clipping_factors(calib, module, kernel)
     w = p[module][kernel]["w"]
     p[module][kernel] = {"w": fake_quant_lib.fake_quant(
-        jnp.asarray(w).astype(jnp.float32), bits, parent_bits, kernels_lib.BY_NAME[kernel].reduce_axes,
+        jnp.asarray(w).astype(jnp.float32), bits, parent_bits,
+        kernels_lib.BY_NAME[kernel].reduce_axes,
         extra_precision=extra_precision, gamma=gamma, beta=beta,
         round_zero=options.round_zero, stop_weight_grad=False)}
   return p

@@ -229,9 +229,8 @@ def _validate_metadata(path: pathlib.Path, meta: Any) -> None:
     raise _schema_error(path, "float_dtype", meta["float_dtype"],
                         f"is not one of {', '.join(FLOAT_DTYPES)}")
   for name, axes in meta["quantized"].items():
-    if (not isinstance(axes, list) or
-        kernels_lib.lookup(str(name)) is None or
-        list(kernels_lib.lookup(str(name)).reduce_axes) != axes):
+    kernel = kernels_lib.lookup(str(name))
+    if not isinstance(axes, list) or kernel is None or list(kernel.reduce_axes) != axes:
       raise _schema_error(path, f"quantized[{name!r}]", axes,
                           "does not match the kernel's contracting axes")
   checksums = meta.get("checksums")

@@ -158,6 +158,13 @@ def load(spec: str | WeightSource, model: TransformerConfig | None = None, *,
   import jax  # pylint: disable=g-import-not-at-top
   src = spec if isinstance(spec, WeightSource) else parse(spec)
   dtype = np.float32 if dtype is None else dtype
+  if src.kind == "run":
+    config = architecture(src)
+    _check_same(src, config, model)  # before any weight is read
+    restored = _restore_run(src.path, config, shardings)
+    if shardings is not None:
+      return config, restored
+    return config, jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), restored)
   if src.kind == "hf":
     config, params = checkpoints.load_hf_checkpoint(src.path, dtype=dtype)
   elif src.kind == "mistral":
@@ -165,13 +172,6 @@ def load(spec: str | WeightSource, model: TransformerConfig | None = None, *,
   elif src.kind == "gemma":
     config = model or architecture(src)
     params = checkpoints.load_gemma_flax_checkpoint(src.path, config, dtype=dtype)
-  elif src.kind == "run":
-    config = architecture(src)
-    _check_same(src, config, model)
-    restored = _restore_run(src.path, config, shardings)
-    if shardings is not None:
-      return config, restored
-    params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), restored)
   else:
     raise ValueError("weight source 'random' holds no weights to load.")
   _check_same(src, config, model)
