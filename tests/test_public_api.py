@@ -10,7 +10,8 @@ SUBPACKAGES = ("quant", "models", "checkpoints", "data", "training", "calibratio
                "evaluation")
 
 
-@pytest.mark.parametrize("name", ("matquant_jax",) + tuple(f"matquant_jax.{p}" for p in SUBPACKAGES))
+@pytest.mark.parametrize("name",
+                         ("matquant_jax",) + tuple(f"matquant_jax.{p}" for p in SUBPACKAGES))
 def test_all_names_resolve(name):
   module = importlib.import_module(name)
   assert module.__all__ and len(set(module.__all__)) == len(module.__all__)

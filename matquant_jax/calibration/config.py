@@ -26,7 +26,8 @@ Choices the paper leaves open (spec §11), each a field with its default:
   * the co-distillation term is the L2 distance of block outputs to the teacher slice's block
     output with the teacher's gradient stopped, weighted equally with the ground-truth term
     and scaled by λ_r (spec §4 leaves the form open).
-  * granularity per output channel (the contracting axes of quant/kernels.py), zero point not rounded (Eq. 1).
+  * granularity per output channel (the contracting axes of quant/kernels.py), zero point not
+    rounded (Eq. 1).
 """
 
 from __future__ import annotations

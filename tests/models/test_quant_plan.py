@@ -29,7 +29,8 @@ def _quantize_tree(params, plan: PrecisionPlan, num_layers: int):
   """What the plan should do, written out: fake-quantize the planned kernels in the tree."""
   out = jax.tree_util.tree_map(lambda x: x, params)
   for i in range(num_layers):
-    for kind, group, names in (("ffn", "mlp", KIND_KERNELS["ffn"]), ("attn", "attn", KIND_KERNELS["attn"])):
+    for kind, group, names in (("ffn", "mlp", KIND_KERNELS["ffn"]),
+                               ("attn", "attn", KIND_KERNELS["attn"])):
       if not plan.quantizes(kind):
         continue
       for name in names:
