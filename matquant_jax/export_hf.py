@@ -67,12 +67,16 @@ def export_hf(checkpoint: str | pathlib.Path, plan, out: str | pathlib.Path, *,
               dtype: str = "bfloat16", overwrite: bool = False) -> pathlib.Path:
   """Writes the `plan` slice of an int8 MatQuant checkpoint as an HF directory; returns it."""
   import jax.numpy as jnp
+  from matquant_jax.checkpoints import _common
   from matquant_jax.checkpoints import save_hf_checkpoint
   from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
   from matquant_jax.data import tokenizer as tokenizer_lib
   from matquant_jax.quant.plan import PrecisionPlan
   checkpoint, out = pathlib.Path(checkpoint), pathlib.Path(out)
   plan = PrecisionPlan.parse(plan) if isinstance(plan, str) else plan
+  ckpt = MatQuantCheckpoint.load(checkpoint)
+  _common.check_bias_free(ckpt.config, "Hugging Face safetensors")
+  ckpt.check_plan(plan)
   tok_file = None
   if tokenizer == "auto":
     tok_file = tokenizer_lib.find_tokenizer(checkpoint)
@@ -82,8 +86,6 @@ def export_hf(checkpoint: str | pathlib.Path, plan, out: str | pathlib.Path, *,
       tok_file = tokenizer_lib.find_tokenizer(tok_file)
     if not tok_file.is_file():
       raise FileNotFoundError(f"tokenizer {tok_file} does not exist.")
-  ckpt = MatQuantCheckpoint.load(checkpoint)
-  ckpt.check_plan(plan)
   compute = jnp.float32 if dtype == "float32" else jnp.bfloat16
   params = ckpt.params_for(plan, dtype=compute)
   model_type = model_type or original_model_type(tok_file)

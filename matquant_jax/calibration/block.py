@@ -45,6 +45,7 @@ from matquant_jax.training import objectives as objectives_lib
 # model's stream (OmniQuant's procedure, per width); quantized_shared: one stream, the narrowest
 # width's quantized model, fed to every width (calibrator.py documents the three).
 INPUT_MODES = ("fp", "quantized", "quantized_shared")
+LOSS_NORMALIZATIONS = ("none", "minmax")  # StepOptions.loss_normalization
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -60,6 +61,12 @@ class StepOptions:
     lr, b1, b2, eps, weight_decay: AdamW (weight_decay 0 makes it Adam), constant lr.
     lwc_lr, let_lr: separate constant learning rates of the LWC logits / LET log-scales
       (None = lr). The paper uses one (1e-3); OmniQuant's code uses 1e-2 / 5e-3.
+    loss_normalization: "none" (the paper's Eq. 5/7 as written: Σ_r λ_r · MSE_r) or
+      "minmax": each width's terms divided by that width's MinMax block error, measured once
+      per block before training (`width_scale` of the step). Raw block errors differ by about
+      4^(8−r) between widths, so as written λ8 = 0.1 weighs int8 ~10⁻⁴ of int2 and nothing
+      stops clipping for int2 from costing int8 50-400× its MinMax error; normalized, every
+      term starts at 1 as the cross-entropies of QAT do, and λ means what it means there.
   """
   calib: transform.CalibOptions = transform.CalibOptions()
   input_mode: str = "fp"
@@ -72,6 +79,7 @@ class StepOptions:
   weight_decay: float = 0.0
   lwc_lr: float | None = None
   let_lr: float | None = None
+  loss_normalization: str = "none"
 
   def __post_init__(self):
     if self.input_mode not in INPUT_MODES:
@@ -80,6 +88,9 @@ class StepOptions:
       raise ValueError(f"compute_dtype={self.compute_dtype!r}; use float32 or bfloat16.")
     if self.num_microbatches < 1:
       raise ValueError(f"num_microbatches={self.num_microbatches} must be >= 1.")
+    if self.loss_normalization not in LOSS_NORMALIZATIONS:
+      raise ValueError(f"loss_normalization={self.loss_normalization!r}; choose one of "
+                       f"{LOSS_NORMALIZATIONS}.")
 
 
 def make_optimizer(options: StepOptions) -> optax.GradientTransformation:
@@ -126,11 +137,13 @@ class BlockFunctions:
   fp_forward(block_params, x, positions, segment_ids) -> (y, Σ mask·(y − x)²)
   quant_forward(block_params, calib, x, positions, segment_ids, bits) -> y_r
   evaluate(block_params, calib, batch) -> (Σ sq. error per width [R], Σ mask · D)
-  train_step(calib, opt_state, block_params, batch) -> (calib, opt_state, metrics)
+  train_step(calib, opt_state, block_params, batch, width_scale) -> (calib, opt_state, metrics)
   init_opt(calib) -> opt_state
 
   `batch`: 'x' [B, T, D] ("fp") or [R, B, T, D] ("quantized", one input per width of R),
   'y' [B, T, D] the full-precision target, 'positions', 'segment_ids' [B, T] int32.
+  `width_scale` [R]: each width's loss multiplier (1, or 1 / its MinMax error with
+  loss_normalization="minmax").
   """
   fp_forward: Callable
   quant_forward: Callable
@@ -164,20 +177,21 @@ class _Block:
   objective: objectives_lib.Objective
   options: StepOptions
   tx: Any
+  q_module: Any  # the block of the folded params (with the LET shift's biases, if any)
 
   @property
   def quantized_inputs(self) -> bool:
     return self.options.input_mode != "fp"
 
-  def apply(self, params, x, positions, segment_ids):
-    y, _ = self.module.apply({"params": params}, x, positions, segment_ids)
+  def apply(self, params, x, positions, segment_ids, module=None):
+    y, _ = (module or self.module).apply({"params": params}, x, positions, segment_ids)
     return y
 
   def q_apply(self, block_params, calib, bits, x, positions, segment_ids):
     qp = transform.quantized_block_params(
         self.config, block_params, calib, bits, options=self.options.calib,
         parent_bits=self.objective.parent_bits, extra_precision=self.objective.extra_precision)
-    return self.apply(qp, x, positions, segment_ids)
+    return self.apply(qp, x, positions, segment_ids, self.q_module)
 
   def fp_forward(self, block_params, x, positions, segment_ids):
     y = self.apply(block_params, x, positions, segment_ids)
@@ -187,11 +201,13 @@ class _Block:
   def quant_forward(self, block_params, calib, x, positions, segment_ids, bits):
     return self.q_apply(block_params, calib, bits, x, positions, segment_ids).astype(x.dtype)
 
-  def micro_loss_and_grads(self, calib, block_params, batch):
+  def micro_loss_and_grads(self, calib, block_params, batch, width_scale=None):
     """Loss, grads and per-width errors of one (micro-)batch: a scan over R."""
     mask = (batch["segment_ids"] != 0).astype(jnp.float32)
     has_distill = bool(self.objective.distill)
     xs = _per_width_inputs(self.objective)
+    if width_scale is not None:
+      xs["lam"] = xs["lam"] * width_scale
     if self.quantized_inputs:
       xs["x"] = batch["x"]
     y = batch["y"]
@@ -219,16 +235,16 @@ class _Block:
     (grads, total, _), (e_gt, e_t) = jax.lax.scan(body, (zeros, jnp.zeros(()), y_t0), xs)
     return total, grads, e_gt, e_t
 
-  def loss_and_grads(self, calib, block_params, batch):
+  def loss_and_grads(self, calib, block_params, batch, width_scale=None):
     """micro_loss_and_grads averaged over options.num_microbatches (a scan)."""
     m = self.options.num_microbatches
     if m == 1:
-      return self.micro_loss_and_grads(calib, block_params, batch)
+      return self.micro_loss_and_grads(calib, block_params, batch, width_scale)
     micro = _split_microbatches(batch, m, self.quantized_inputs)
 
     def body(carry, mb):
       grads, total, e_gt, e_t = carry
-      t, g, a, b = self.micro_loss_and_grads(calib, block_params, mb)
+      t, g, a, b = self.micro_loss_and_grads(calib, block_params, mb, width_scale)
       return (jax.tree_util.tree_map(jnp.add, grads, g), total + t, e_gt + a, e_t + b), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, calib)
@@ -239,8 +255,8 @@ class _Block:
     return (total * scale, jax.tree_util.tree_map(lambda g: g * scale, grads), e_gt * scale,
             e_t * scale)
 
-  def train_step(self, calib, opt_state, block_params, batch):
-    loss, grads, e_gt, e_t = self.loss_and_grads(calib, block_params, batch)
+  def train_step(self, calib, opt_state, block_params, batch, width_scale):
+    loss, grads, e_gt, e_t = self.loss_and_grads(calib, block_params, batch, width_scale)
     updates, opt_state = self.tx.update(grads, opt_state, calib)
     calib = optax.apply_updates(calib, updates)
     gnorm = optax.global_norm(grads)
@@ -294,7 +310,8 @@ def block_functions(config: TransformerConfig, layer: int,
     return block_functions(config, rep, objective, options, mesh)
   tx = make_optimizer(options)
   blk = _Block(config, _block_module(config, layer, options.compute_dtype), objective, options,
-               tx)
+               tx, _block_module(transform.folded_config(config, options.calib), layer,
+                                 options.compute_dtype))
   quantized_inputs = blk.quantized_inputs
   replicated = NamedSharding(mesh, P())
   batch_sh = NamedSharding(mesh, P(BATCH_AXES))
@@ -306,7 +323,7 @@ def block_functions(config: TransformerConfig, layer: int,
       quant_forward=jax.jit(blk.quant_forward, out_shardings=batch_sh),
       evaluate=jax.jit(blk.evaluate, out_shardings=replicated),
       train_step=jax.jit(blk.train_step, in_shardings=(replicated, replicated, replicated,
-                                                       batch_shardings),
+                                                       batch_shardings, replicated),
                          out_shardings=(replicated, replicated, replicated),
                          donate_argnums=(0, 1)),
       init_opt=jax.jit(tx.init, out_shardings=replicated),

@@ -315,6 +315,7 @@ def _calibrate_one(setup, fns, bp, acts, y, energy, layer, logger, total_steps):
 
   calib = jax.device_put(init, fns.replicated)
   opt_state = fns.init_opt(calib)
+  width_scale = jax.device_put(_width_scale(setup.step, mse_minmax), fns.replicated)
   order = sample_order(setup.num_samples, setup.batch_size, setup.steps_per_block, setup.seed,
                        layer)
   first_loss = None
@@ -322,7 +323,7 @@ def _calibrate_one(setup, fns, bp, acts, y, energy, layer, logger, total_steps):
   host: dict[str, float] = {}
   for s in range(setup.steps_per_block):
     batch = acts.device_batch(fns, order[s], y)
-    calib, opt_state, m = fns.train_step(calib, opt_state, bp, batch)
+    calib, opt_state, m = fns.train_step(calib, opt_state, bp, batch, width_scale)
     step = s + 1
     final_step = step == setup.steps_per_block
     if step % setup.log_every_steps == 0 or final_step or s == 0:
@@ -354,6 +355,17 @@ def _calibrate_one(setup, fns, bp, acts, y, energy, layer, logger, total_steps):
     logger.log((layer + 1) * setup.steps_per_block,
                {**host, **{f"block/{k}": v for k, v in metrics.items() if v is not None}})
   return calib, metrics
+
+
+def _width_scale(step: block_lib.StepOptions, mse_minmax: np.ndarray) -> np.ndarray:
+  """Each width's loss multiplier (block.StepOptions.loss_normalization)."""
+  if step.loss_normalization == "minmax":
+    # A width MinMax already represents exactly (error 0) gets the scale of the smallest
+    # nonzero error rather than an infinite one.
+    positive = mse_minmax[mse_minmax > 0]
+    floor = positive.min() if positive.size else 1.0
+    return (1.0 / np.maximum(mse_minmax, floor)).astype(np.float32)
+  return np.ones(len(mse_minmax), np.float32)
 
 
 def _block_line(layer, n_layers, model, bits, m) -> str:
@@ -396,6 +408,6 @@ def export_calibrated(path: str | pathlib.Path, setup: config_lib.CalibSetup,
           "input_mode": setup.step.input_mode, "steps_per_block": setup.steps_per_block,
           **dict(metadata or {})}
   return export_matquant_checkpoint(
-      path, setup.model, folded, scope=setup.objective.scope,
+      path, transform.folded_config(setup.model, setup.step.calib), folded, scope=setup.objective.scope,
       parent_bits=setup.objective.parent_bits, round_zero=setup.step.calib.round_zero,
       metadata=meta, overwrite=overwrite, clipping=clipping, float_dtype=float_dtype)

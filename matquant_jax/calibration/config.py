@@ -20,8 +20,10 @@ Choices the paper leaves open (spec §11), each a field with its default:
     width (|R| extra host streams); "quantized_shared" feeds every width the narrowest
     width's quantized stream (one extra stream). The paper-experiment configs
     (`paper_omniquant_config`) use "quantized" and OmniQuant's learning rates.
-  * calibration.let = "scale": scale-only LET folded into norms and weights (transform.py
-    explains the placement and why there is no shift δ); "none" = LWC only.
+  * calibration.let = "scale": scale-only LET folded into norms and weights; "scale_shift"
+    adds Eq. 4's shift δ on the FFN input, folded into two new full-precision biases the
+    exported model then carries (TransformerConfig.ffn_shift; transform.py explains both
+    placements); "none" = LWC only.
   * calibration.lwc_init_logit = 4.0 (σ(4) ≈ 0.982, OmniQuant); LET scales start at 1.
   * the co-distillation term is the L2 distance of block outputs to the teacher slice's block
     output with the teacher's gradient stopped, weighted equally with the ground-truth term
@@ -115,9 +117,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.calibration.weight_decay = 0.0
   c.calibration.lwc = True
   c.calibration.lwc_init_logit = 4.0
-  c.calibration.let = "scale"      # scale | none
+  c.calibration.let = "scale"      # scale | scale_shift | none (transform.py)
   c.calibration.round_zero = False
   c.calibration.input_mode = "fp"  # fp | quantized | quantized_shared (block.INPUT_MODES)
+  # none (Eq. 5/7 as written) | minmax: each width's error divided by its MinMax error
+  # (block.StepOptions explains why λ needs it in block-wise calibration).
+  c.calibration.loss_normalization = "none"
   c.calibration.num_microbatches = 1
   c.calibration.compute_dtype = "bfloat16"  # block forward activations; LWC/LET state is f32
   c.calibration.host_dtype = "float32"      # calibration activations kept in host memory
@@ -273,7 +278,8 @@ def _step_options(cal, objective) -> block_lib.StepOptions:
         num_microbatches=int(cal.num_microbatches), lr=float(cal.lr), b1=float(cal.b1),
         b2=float(cal.b2), eps=float(cal.eps), weight_decay=float(cal.weight_decay),
         lwc_lr=None if cal.lwc_lr is None else float(cal.lwc_lr),
-        let_lr=None if cal.let_lr is None else float(cal.let_lr))
+        let_lr=None if cal.let_lr is None else float(cal.let_lr),
+        loss_normalization=cal.loss_normalization)
   except ValueError as e:
     raise ConfigError(f"config.calibration: {e}") from None
   return step

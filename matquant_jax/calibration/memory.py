@@ -107,7 +107,8 @@ def abstract_step_args(setup: config_lib.CalibSetup, fns: block_lib.BlockFunctio
   batch = {"x": x, "y": jax.ShapeDtypeStruct((b, t, d), hdt, sharding=fns.batch_sharding),
            "positions": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=fns.batch_sharding),
            "segment_ids": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=fns.batch_sharding)}
-  return calib, opt, bp, batch
+  width_scale = jax.ShapeDtypeStruct((len(setup.objective.bits),), jnp.float32, sharding=rep)
+  return calib, opt, bp, batch, width_scale
 
 
 def compiled_step_memory(setup: config_lib.CalibSetup, layer: int = 0) -> dict[str, float]:

@@ -32,10 +32,18 @@ about gated FFNs, and our architectures have no biases):
       folds into the value columns (kv_einsum[1]) and the rows of attn_vec_einsum, shared by
       the G query heads of a KV group (probs·V is linear in V). No q/k scale: RoPE mixes
       dimension i with i + H/2, and weight-only quantization gains nothing from it.
+  "scale_shift" — "scale" plus Eq. 4's shift δ [D] on the FFN input, learned from δ = 0:
+      x̂ W → ((x̂ − δ) ⊘ s) · Q(s ⊙ W) + δ·W.
+    Neither Gemma-2 nor Mistral has a bias to absorb it, so the folded model gains two
+    full-precision parameters per layer (TransformerConfig.ffn_shift): pre_ffw_norm/bias
+    = −δ ⊘ s, added after the norm's scale, and mlp/gating_bias [2, F] = δ·W with the
+    unscaled, unquantized W (the gate and up outputs; the up half is divided by the down
+    projection's scale like its columns). The exported int8 checkpoint stores both in its
+    float part and records ffn_shift in its model config; the int8 loader, evaluation and
+    serving run it, while HF/Gemma/Mistral writers refuse it (their formats have no biases).
+    The down projection's input and the attention inputs keep scale-only LET: a shift there
+    would need biases inside the gated product or on q/k/v before RoPE.
   "none" — LWC only.
-  The shift δ is deliberately not implemented: folding it needs an output bias (b + δW) that
-  neither Gemma-2 nor Mistral has, so it would change the released parameter tree and every
-  downstream loader. A scale-only LET keeps the exported model architecture-identical.
 
 All folds are exact in real arithmetic; in float32 they agree to rounding (tests check it).
 """
@@ -58,7 +66,7 @@ from matquant_jax.quant import minmax
 from matquant_jax.quant.plan import Scope
 from matquant_jax.quant.plan import plan_kernels
 
-LET_MODES = ("scale", "none")
+LET_MODES = ("scale", "scale_shift", "none")
 
 # A logit whose sigmoid is exactly 1.0 in float32: LWC "off" (plain MinMax) without a
 # separate code path or compilation.
@@ -73,7 +81,7 @@ class CalibOptions:
     scope: which kernels are quantized (and get LWC/LET): Scope.FFN (paper) or FFN_ATTN.
     lwc: learn the clipping factors γ, β (Eq. 3); False keeps plain MinMax.
     lwc_init_logit: their initial logit (σ(4) ≈ 0.982, OmniQuant's init).
-    let: "scale" (default) or "none", see the module docstring.
+    let: "scale" (default), "scale_shift" or "none", see the module docstring.
     round_zero: round the zero point (OmniQuant) instead of the paper's unrounded z.
   """
   scope: Scope = Scope.FFN
@@ -97,6 +105,11 @@ class CalibOptions:
     return tuple((kernels_lib.BY_NAME[name].module, name) for _, name in plan_kernels(self.scope))
 
   @property
+  def shifts_ffn(self) -> bool:
+    """Whether the FFN input gets a learned shift δ (folded into new biases)."""
+    return self.let == "scale_shift" and self.quantizes_ffn
+
+  @property
   def quantizes_ffn(self) -> bool:
     return self.scope in (Scope.FFN, Scope.FFN_ATTN)
 
@@ -116,7 +129,15 @@ def let_shapes(config: TransformerConfig, options: CalibOptions) -> dict[str, tu
   if options.quantizes_ffn:
     out["ffn_in"] = (config.embed_dim,)
     out["ffn_mid"] = (config.hidden_dim,)
+  if options.shifts_ffn:
+    out["ffn_shift"] = (config.embed_dim,)
   return out
+
+
+def folded_config(config: TransformerConfig, options: CalibOptions) -> TransformerConfig:
+  """The architecture of the folded (and exported) model: with the shift's biases when the
+  FFN input is shifted."""
+  return config.replace(ffn_shift=True) if options.shifts_ffn else config
 
 
 def init_calib_params(config: TransformerConfig, options: CalibOptions) -> dict[str, Any]:
@@ -173,27 +194,39 @@ def fold_let(config: TransformerConfig, block_params: Mapping[str, Any],
   Args:
     config: the architecture (norm type, heads).
     block_params: one `layer_i` subtree (pre_attention_norm, attn, pre_ffw_norm, mlp, ...).
-    let: {'ffn_in' [D], 'ffn_mid' [F], 'attn_in' [D], 'attn_out' [K, H]} log-scales; missing
-      names are the identity.
+    let: {'ffn_in' [D], 'ffn_mid' [F], 'attn_in' [D], 'attn_out' [K, H]} log-scales and
+      'ffn_shift' [D] (δ); missing names are the identity.
 
   Returns:
     A new subtree computing the same function (up to float rounding) whose quantized kernels
-    are W ⊙ s: the weights OmniQuant quantizes (Eq. 4).
+    are W ⊙ s: the weights OmniQuant quantizes (Eq. 4). With 'ffn_shift' (or biases already in
+    `block_params`) it has pre_ffw_norm/bias and mlp/gating_bias: run it with
+    config.ffn_shift=True (`folded_config`).
   """
   p = _copy_dicts(block_params)
 
   def f32(x):
     return jnp.asarray(x).astype(jnp.float32)
 
-  if "ffn_in" in let:
-    s = jnp.exp(f32(let["ffn_in"]))                                     # [D]
-    p["pre_ffw_norm"] = {"scale": _fold_norm(f32(p["pre_ffw_norm"]["scale"]), s,
-                                             config.norm_type)}
-    p["mlp"]["gating_einsum"]["w"] = f32(p["mlp"]["gating_einsum"]["w"]) * s[None, :, None]
+  if "ffn_in" in let or "ffn_shift" in let:
+    s = jnp.exp(f32(let["ffn_in"])) if "ffn_in" in let else jnp.ones((config.embed_dim,))
+    norm = p["pre_ffw_norm"]
+    w = f32(p["mlp"]["gating_einsum"]["w"])                             # [2, D, F]
+    p["pre_ffw_norm"] = {"scale": _fold_norm(f32(norm["scale"]), s, config.norm_type)}
+    if "ffn_shift" in let or "bias" in norm:
+      delta = f32(let["ffn_shift"]) if "ffn_shift" in let else jnp.zeros_like(s)   # [D]
+      bias = f32(norm["bias"]) if "bias" in norm else jnp.zeros_like(s)
+      p["pre_ffw_norm"]["bias"] = (bias - delta) / s                   # (x̂ − δ) ⊘ s
+      gating_bias = (f32(p["mlp"]["gating_bias"]) if "gating_bias" in p["mlp"]
+                     else jnp.zeros((2, config.hidden_dim), jnp.float32))
+      p["mlp"]["gating_bias"] = gating_bias + jnp.einsum("d,cdf->cf", delta, w)   # + δ·W
+    p["mlp"]["gating_einsum"]["w"] = w * s[None, :, None]
   if "ffn_mid" in let:
     s = jnp.exp(f32(let["ffn_mid"]))                                    # [F]
     w = f32(p["mlp"]["gating_einsum"]["w"])                             # [2, D, F]
     p["mlp"]["gating_einsum"]["w"] = w.at[1].divide(s[None, :])        # up columns ⊘ s
+    if "gating_bias" in p["mlp"]:                                       # up's bias too
+      p["mlp"]["gating_bias"] = f32(p["mlp"]["gating_bias"]).at[1].divide(s)
     p["mlp"]["linear"]["w"] = f32(p["mlp"]["linear"]["w"]) * s[:, None]
   if "attn_in" in let:
     s = jnp.exp(f32(let["attn_in"]))                                    # [D]

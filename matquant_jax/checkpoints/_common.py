@@ -169,7 +169,21 @@ def expected_param_shapes(config) -> dict[str, tuple[int, ...]]:
     # Attention before FFN: the order every listing and export has always used.
     for kernel in kernels_lib.of_kinds(["attn"]) + kernels_lib.of_kinds(["ffn"]):
       shapes[f"{p}/{kernel.path}"] = kernel.shape(c)
+    if c.ffn_shift:  # a folded LET shift (models/config.py)
+      shapes[f"{p}/pre_ffw_norm/bias"] = (d,)
+      shapes[f"{p}/mlp/gating_bias"] = (2, c.hidden_dim)
   return shapes
+
+
+def check_bias_free(config, fmt: str) -> None:
+  """Formats of released models have no biases: a model with folded LET shifts cannot be
+  written to them (it would silently drop δ)."""
+  if getattr(config, "ffn_shift", False):
+    raise CheckpointError(
+        f"{config.name}: this model carries folded LET shift biases (pre_ffw_norm/bias, "
+        f"mlp/gating_bias; calibration.let='scale_shift'), which the {fmt} format cannot "
+        f"represent. Serve it from the int8 MatQuant checkpoint, or calibrate with "
+        f"--config.calibration.let=scale to get a bias-free model.")
 
 
 def check_params(config, params: Mapping[str, Any], *, what: str = "params") -> None:

@@ -258,6 +258,7 @@ def save_gemma_flax_checkpoint(
   """
   path = pathlib.Path(path).resolve()
   np_dtype = _common.as_dtype(dtype)
+  _common.check_bias_free(config, "Gemma Orbax")
   _common.check_params(config, params, what="params to save")
   if not config.tie_embeddings:
     raise ValueError(f"config {config.name!r} has untied embeddings; the Gemma format has no "

@@ -250,6 +250,7 @@ def save_mistral_consolidated(
   from matquant_jax.models import hf_mapping  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   np_dtype = _common.as_dtype(dtype)
+  _common.check_bias_free(config, "Mistral consolidated")
   _common.check_params(config, params, what="params to save")
   params_json = params_json_from_config(config)
   if (path / WEIGHTS_FILE).exists() and not overwrite:

@@ -475,6 +475,7 @@ def save_hf_checkpoint(
   path = pathlib.Path(path)
   np_dtype = _common.as_dtype(dtype)
   mapping = _hf_mapping()
+  _common.check_bias_free(config, "Hugging Face safetensors")
   _common.check_params(config, params, what="params to save")
 
   existing = ([p for p in path.iterdir() if p.name == CONFIG_FILE or p.name == INDEX_FILE or

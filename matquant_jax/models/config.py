@@ -17,9 +17,17 @@ The parameter tree every model has (the same whatever the precision plan):
     layer_{i}/attn/attn_vec_einsum/w     [N, H, D]
     layer_{i}/mlp/gating_einsum/w        [2, D, F]      ([0] = gate (activated), [1] = up)
     layer_{i}/mlp/linear/w               [F, D]
+    layer_{i}/pre_ffw_norm/bias          [D]            (only with ffn_shift)
+    layer_{i}/mlp/gating_bias            [2, F]         (only with ffn_shift)
 
 Norm scales are stored as the checkpoints store them: zero-centred for Gemma (applied as
 1 + scale), plain multipliers for Mistral/Llama.
+
+`ffn_shift` is not an architecture of any released model: it is where OmniQuant's LET shift δ
+goes when calibration folds it exactly (calibration/transform.py): a bias added after the
+pre-FFN norm's scale (−δ ⊘ s) and a bias on the gate/up outputs (δ·W). Released checkpoints
+have ffn_shift=False; an int8 checkpoint calibrated with `calibration.let="scale_shift"` has it
+on, and formats without biases (HF Gemma-2/Mistral, Gemma Orbax, consolidated) refuse it.
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ class TransformerConfig:
   bos_id: int = 2
   eos_id: int = 1
   pad_id: int = 0
+  ffn_shift: bool = False          # the LET shift's biases (see the module docstring)
 
   def __post_init__(self):
     # Accept enum values as strings (configs, JSON metadata) and store the enums.
@@ -115,6 +124,9 @@ class TransformerConfig:
       if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
         raise ValueError(f"TransformerConfig({self.name!r}).{f} must be a positive number or "
                          f"None, got {v!r}.")
+    if not isinstance(self.ffn_shift, bool):
+      raise ValueError(f"TransformerConfig({self.name!r}).ffn_shift must be a bool, got "
+                       f"{self.ffn_shift!r}.")
     if self.attention_pattern != AttentionPattern.GLOBAL and not self.sliding_window:
       raise ValueError(
           f"TransformerConfig({self.name!r}): attention_pattern={self.attention_pattern.value} "

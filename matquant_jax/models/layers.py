@@ -136,10 +136,13 @@ class RMSNorm(nn.Module):
   Attributes:
     norm_type: ZERO_CENTERED (scale initialised to 0) or PLAIN (initialised to 1).
     eps: added to the mean square.
+    use_bias: add a `bias` [D] after the scale (initialised to 0): where a folded LET shift
+      goes (TransformerConfig.ffn_shift); released models have none.
     param_dtype: storage dtype of `scale` [D].
   """
   norm_type: NormType = NormType.ZERO_CENTERED
   eps: float = 1e-6
+  use_bias: bool = False
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -149,11 +152,17 @@ class RMSNorm(nn.Module):
     init = nn.initializers.zeros if zero_centered else nn.initializers.ones
     scale = self.param("scale", nn.with_logical_partitioning(init, ("embed",)), (x.shape[-1],),
                        self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                        (x.shape[-1],), self.param_dtype)
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
     if zero_centered:
-      return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
-    return normed.astype(x.dtype) * scale.astype(x.dtype)
+      y = normed * (1.0 + scale.astype(jnp.float32))
+      return (y if bias is None else y + bias.astype(jnp.float32)).astype(x.dtype)
+    y = normed.astype(x.dtype) * scale.astype(x.dtype)
+    return y if bias is None else y + bias.astype(x.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -338,7 +347,8 @@ class FeedForward(nn.Module):
   """Gated FFN: `linear(act(x·gate) ⊙ (x·up))`, GeGLU (tanh GELU) or SwiGLU.
 
   Parameters: `gating_einsum/w` [2, D, F] ([0] = gate, the activated half; [1] = up) and
-  `linear/w` [F, D].
+  `linear/w` [F, D]; with config.ffn_shift also `gating_bias` [2, F], added to the gate and up
+  outputs (a folded LET shift δ·W, full precision).
 
   Attributes:
     config: the model configuration (embed_dim, hidden_dim, activation).
@@ -358,6 +368,11 @@ class FeedForward(nn.Module):
       return kernel_einsum(name, self.config, self.quant, self.dtype, self.param_dtype)
 
     gate = einsum("gating_einsum")("BTD,CDF->CBTF", x)
+    if self.config.ffn_shift:
+      bias = self.param("gating_bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                    (None, "mlp")),
+                        (2, self.config.hidden_dim), self.param_dtype)
+      gate = gate + bias[:, None, None, :].astype(gate.dtype)
     if self.config.activation == Activation.GELU_TANH:
       act = jax.nn.gelu(gate[0], approximate=True)
     elif self.config.activation == Activation.SILU:

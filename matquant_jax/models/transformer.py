@@ -145,9 +145,9 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _norm(self, name: str) -> layers.RMSNorm:
+  def _norm(self, name: str, use_bias: bool = False) -> layers.RMSNorm:
     return layers.RMSNorm(norm_type=self.config.norm_type, eps=self.config.norm_eps,
-                          param_dtype=self.param_dtype, name=name)
+                          use_bias=use_bias, param_dtype=self.param_dtype, name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -164,7 +164,7 @@ class Block(nn.Module):
     x = x + attn_out
     ffw_out = layers.FeedForward(config=cfg, quant=self.ffn_quant, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="mlp")(
-                                     self._norm("pre_ffw_norm")(x))
+                                     self._norm("pre_ffw_norm", cfg.ffn_shift)(x))
     if cfg.post_norms:
       ffw_out = self._norm("post_ffw_norm")(ffw_out)
     return x + ffw_out, cache

@@ -62,7 +62,7 @@ def test_only_lwc_and_let_are_trained_and_weights_stay_frozen(uninterrupted, tin
   assert set(calib0["lwc"]["mlp"]) == {"gating_einsum", "linear"}
   assert set(calib0["let"]) == {"ffn_in", "ffn_mid"}
   for _ in range(3):
-    calib, opt_state, metrics = fns.train_step(calib, opt_state, bp, batch)
+    calib, opt_state, metrics = fns.train_step(calib, opt_state, bp, batch, np.ones(len(setup.objective.bits), np.float32))
   assert float(metrics["grad_norm"]) > 0
   # Every learnable leaf moved (its gradient is not zero)...
   for path, before, after in zip(
@@ -153,6 +153,68 @@ def test_export_loads_and_slices_dequantize_to_calibrated_weights(uninterrupted,
   np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=1e-5, atol=1e-5)
 
 
+def test_shifted_calibration_exports_a_model_every_loader_runs(tiny, tmp_path):
+  """let='scale_shift': δ is learned, folded into the two bias leaves the exported checkpoint
+  stores (ffn_shift=True); its int2 slice is the calibrated int2 block, packed serving computes
+  what params_for computes, and bias-free formats refuse it."""
+  from matquant_jax import export_hf
+  from matquant_jax.checkpoints import _common
+  from matquant_jax.models import transformer as transformer_lib
+  from matquant_jax.serving import loader
+  setup = tiny.tiny_setup(**{"calibration.let": "scale_shift",
+                             "calibration.steps_per_block": 20})
+  params = tiny.tiny_params()
+  result = calibration.calibrate_blocks(setup, params, tiny.tiny_tokens())
+  assert np.max(np.abs(result.calib[0]["let"]["ffn_shift"])) > 0  # δ received gradients
+  path = calibration.export_calibrated(tmp_path / "int8", setup, params, result,
+                                       float_dtype=jnp.float32)
+  ckpt = MatQuantCheckpoint.load(path)
+  assert ckpt.config.ffn_shift and ckpt.metadata["let"] == "scale_shift"
+  served = ckpt.params_for(PrecisionPlan.parse("ffn:int2"), dtype=jnp.float32)
+  assert set(served["layer_1"]["mlp"]) == {"gating_einsum", "linear", "gating_bias"}
+  assert set(served["layer_1"]["pre_ffw_norm"]) == {"scale", "bias"}
+  fns = block_lib.block_functions(setup.model, 0, setup.objective, setup.step, setup.mesh)
+  bp, _, _, batch = _first_batch(setup, tiny, fns)
+  ours = fns.quant_forward(bp, jax.device_put(result.calib[0], fns.replicated), batch["x"],
+                           batch["positions"], batch["segment_ids"], jnp.asarray(2, jnp.int32))
+  block = transformer_lib.Block(config=ckpt.config, layer=0)
+  theirs, _ = jax.jit(block.apply)({"params": served["layer_0"]},
+                                   *(np.asarray(batch[k]) for k in ("x", "positions",
+                                                                    "segment_ids")))
+  np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=1e-5, atol=1e-5)
+  tokens = jnp.asarray(tiny.tiny_tokens()["inputs"][:2])
+  model = loader.load_serving(path, "ffn:int2", dtype=jnp.float32)
+  ref = transformer_lib.Transformer(ckpt.config).apply({"params": served}, tokens)
+  np.testing.assert_allclose(np.asarray(model.model().apply({"params": model.params}, tokens)),
+                             np.asarray(ref), rtol=1e-4, atol=1e-4)
+  with pytest.raises(_common.CheckpointError, match="LET shift.*let=scale"):
+    export_hf.export_hf(path, "ffn:int4", tmp_path / "hf")
+
+
+def test_loss_normalization_divides_each_width_by_its_minmax_error(uninterrupted, tiny):
+  """loss_normalization='minmax': the step's loss is Σ_r λ_r · MSE_r / MSE_r(MinMax); the
+  scales come from the block's MinMax errors (a width MinMax represents exactly gets the
+  smallest nonzero one's scale instead of infinity)."""
+  setup, _, _ = uninterrupted
+  fns = block_lib.block_functions(setup.model, 0, setup.objective, setup.step, setup.mesh)
+  _, acts, y, batch = _first_batch(setup, tiny, fns)
+  bp = calibrator._block_params_to_device(tiny.tiny_params(), 0, fns.replicated)
+  mse_minmax = calibrator._evaluate(
+      fns, bp, transform.minmax_calib_params(setup.model, setup.step.calib), acts, y)
+  normalized = dataclasses.replace(setup.step, loss_normalization="minmax")
+  scale = calibrator._width_scale(normalized, mse_minmax)
+  np.testing.assert_allclose(scale, 1.0 / mse_minmax, rtol=1e-6)
+  np.testing.assert_array_equal(calibrator._width_scale(setup.step, mse_minmax), np.ones(3))
+  np.testing.assert_array_equal(
+      calibrator._width_scale(normalized, np.asarray([0.0, 2.0, 4.0])), [0.5, 0.5, 0.25])
+  calib = transform.init_calib_params(setup.model, setup.step.calib)
+  total, _, e_gt, _ = jax.jit(fns.loss_and_grads)(calib, bp, batch, jnp.asarray(scale))
+  lam = np.asarray(setup.objective.weights)
+  np.testing.assert_allclose(float(total), float(np.sum(lam * scale * np.asarray(e_gt))),
+                             rtol=1e-5)
+  assert 0.3 < float(total) / float(np.sum(lam)) < 3.0  # every term starts near 1
+
+
 def test_codistillation_objective_and_quantized_inputs(tiny):
   """'[8,4,2,8->4;2]': int4 and int2 are pulled toward the fp target and toward the int8
   slice's block output; with 'quantized' inputs each width reads its own stream."""
@@ -229,6 +291,7 @@ def test_tiny_config_resolves():
     ({"objective.codistill": "[8,4,2->8]"}, "more bits than its student"),
     ({"calibration.let": "shift"}, "let="),
     ({"calibration.input_mode": "layerwise"}, "input_mode"),
+    ({"calibration.loss_normalization": "energy"}, "loss_normalization"),
     ({"calibration.lwc": False, "calibration.let": "none"}, "nothing to learn"),
     ({"calibration.batch_size": 5}, "not a multiple of calibration.batch_size"),
     ({"calibration.num_microbatches": 3}, "num_microbatches"),
@@ -284,7 +347,7 @@ def test_data_parallel_and_microbatched_steps_match_one_device(uninterrupted, ti
                            fns.replicated)
     opt_state = fns.init_opt(calib)
     for _ in range(2):
-      calib, opt_state, m = fns.train_step(calib, opt_state, bp, batch)
+      calib, opt_state, m = fns.train_step(calib, opt_state, bp, batch, np.ones(len(setup.objective.bits), np.float32))
     runs[label] = (float(m["loss"]), jax.tree_util.tree_map(np.asarray, calib))
   assert dict(base.mesh.shape)["data"] == 4
   ref_loss, ref = runs["1 device"]

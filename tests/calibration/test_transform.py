@@ -41,6 +41,60 @@ def test_folding_let_is_exact_in_float32(name, tiny):
   np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny_gemma2", "tiny_mistral"])
+def test_folding_the_shift_is_exact_and_adds_the_biases(name, tiny):
+  """let='scale_shift': the folded model (ffn_shift=True: norm bias, gating bias) computes the
+  same logits as the original one, and folding twice (a shifted model calibrated again) too."""
+  config = get_config(name).replace(num_layers=2)
+  rng = np.random.default_rng(3)
+  params = tiny.random_params(config, seed=1, norm_noise=0.3)
+  options = transform.CalibOptions(scope=Scope.FFN, let="scale_shift")
+  assert set(transform.let_shapes(config, options)) == {"ffn_in", "ffn_mid", "ffn_shift"}
+  calib = {i: {"lwc": {}, "let": _random_let(config, options, rng)}
+           for i in range(config.num_layers)}
+  folded = transform.fold_model_params(config, params, calib)
+  shifted = transform.folded_config(config, options)
+  assert shifted.ffn_shift and not config.ffn_shift
+  assert folded["layer_0"]["pre_ffw_norm"]["bias"].shape == (config.embed_dim,)
+  assert folded["layer_0"]["mlp"]["gating_bias"].shape == (2, config.hidden_dim)
+  assert np.max(np.abs(folded["layer_1"]["mlp"]["gating_bias"])) > 1e-2
+  tokens = jnp.asarray(rng.integers(3, config.vocab_size, (2, 24)), jnp.int32)
+  ref = np.asarray(jax.jit(transformer_lib.Transformer(config).apply)(
+      {"params": params}, tokens))
+  run_shifted = jax.jit(transformer_lib.Transformer(shifted).apply)
+  np.testing.assert_allclose(np.asarray(run_shifted({"params": folded}, tokens)), ref,
+                             rtol=3e-5, atol=3e-5)
+  again = transform.fold_model_params(
+      shifted, folded, {i: {"lwc": {}, "let": _random_let(config, options, rng, 0.3)}
+                        for i in range(config.num_layers)})
+  np.testing.assert_allclose(np.asarray(run_shifted({"params": again}, tokens)), ref,
+                             rtol=5e-5, atol=5e-5)
+
+
+def test_shift_fold_matches_eq4_written_out():
+  """Eq. 4 on the FFN input: ((x̂ − δ) ⊘ s)(s ⊙ W) + δ·W, with W the unscaled kernel."""
+  config = get_config("tiny_gemma2")
+  rng = np.random.default_rng(4)
+  d, f = config.embed_dim, config.hidden_dim
+  p = {"pre_ffw_norm": {"scale": rng.normal(0, 0.3, (d,)).astype(np.float32)},
+       "mlp": {"gating_einsum": {"w": rng.normal(0, 0.2, (2, d, f)).astype(np.float32)},
+               "linear": {"w": rng.normal(0, 0.1, (f, d)).astype(np.float32)}}}
+  s_in = np.exp(rng.normal(0, 0.5, (d,))).astype(np.float32)
+  delta = rng.normal(0, 0.5, (d,)).astype(np.float32)
+  folded = transform.fold_let(config, p, {"ffn_in": np.log(s_in), "ffn_shift": delta})
+  x = rng.normal(0, 1, (3, 5, d)).astype(np.float32)
+  xn = layers.RMSNorm(norm_type=config.norm_type, eps=config.norm_eps).apply(
+      {"params": p["pre_ffw_norm"]}, x)
+  w = p["mlp"]["gating_einsum"]["w"]
+  explicit = jnp.einsum("btd,cdf->cbtf", (xn - delta) / s_in, w * s_in[None, :, None]) + \
+      jnp.einsum("d,cdf->cf", delta, w)[:, None, None, :]
+  normed = layers.RMSNorm(norm_type=config.norm_type, eps=config.norm_eps, use_bias=True).apply(
+      {"params": folded["pre_ffw_norm"]}, x)
+  gate = jnp.einsum("btd,cdf->cbtf", normed, folded["mlp"]["gating_einsum"]["w"]) + \
+      folded["mlp"]["gating_bias"][:, None, None, :]
+  np.testing.assert_allclose(np.asarray(gate), np.asarray(explicit), rtol=1e-5, atol=1e-5)
+
+
 def test_ffn_fold_matches_explicit_activation_transform():
   """Eq. 4 written out on the FFN: (x̂ ⊘ s)(s ⊙ W) with the down projection's input scaled
   through the up projection, for GeGLU (act(gate) · up)."""
