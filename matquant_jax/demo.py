@@ -7,10 +7,12 @@ score) it:
   1. trains a 512-piece tokenizer and pretrains a tiny Gemma-2-architecture model in bf16-style
      full precision (the "bf16" reference row);
   2. runs baseline QAT at int8, int6, int4, int3 and int2 (MinMax(r), trained at r), one
-     MatQuant QAT run (R = {8, 4, 2}) and one OmniQuant-MatQuant calibration (block-wise
-     LWC + LET, weights frozen), all starting from the pretrained model;
+     MatQuant QAT run (R = {8, 4, 2}), and OmniQuant calibrations (block-wise LWC + LET,
+     weights frozen): OmniQuant-MatQuant and the OmniQuant baselines at int8, int4 and int2,
+     all starting from the pretrained model;
   3. exports each as an int8-format checkpoint and evaluates it as soon as it is trained (two
-     stages at a time, in worker processes): every baseline at its own width, the int8
+     stages at a time, in worker processes): the pretrained model and plain MinMax of it at
+     every width (no training, Fig. 1b), every baseline at its own width, the int8
      baseline sliced to 6/4/3/2 ("Sliced int8"), MatQuant sliced to 8/6/4/3/2 (6 and 3 were
      never trained: "interpolation"), the four Mix'n'Match strategies of MatQuant, and the
      plans `python -m matquant_jax.mixnmatch` searches for the same budgets on training-split
@@ -43,6 +45,10 @@ from matquant_jax import cli
 
 DEMO_MODEL = "demo_gemma2"
 BASELINE_BITS = (8, 6, 4, 3, 2)
+# OmniQuant baselines (one width each, parent = r) next to OmniQuant-MatQuant, and the bf16
+# model under plain MinMax (no training) at every width: Table 1's B rows and Fig. 1b.
+OMNIQUANT_BASELINE_BITS = (8, 4, 2)
+MINMAX_BITS = BASELINE_BITS
 MATQUANT_SLICES = (8, 6, 4, 3, 2)
 MIX_BUDGETS = (3.0, 5.0)
 # The searched budgets (the CLI sweeps more: `python -m matquant_jax.mixnmatch --budget=...`).
@@ -103,21 +109,36 @@ def _calibrate(config, workdir: str) -> str:
   return workdir
 
 
-def _omniquant_config(*, init: str, tokenizer: str, seq_len: int, steps: int):
-  """Spec §3 OmniQuant-MatQuant on the demo model: LWC + scale-only LET, λ = (0.1, 0.1, 1)."""
+def _omniquant_config(*, init: str, tokenizer: str, seq_len: int, steps: int,
+                      method: str = "matquant", bits: tuple[int, ...] | None = None):
+  """Spec §3 OmniQuant on the demo model, weights frozen, from the bf16 pretrained model:
+  MatQuant (R = {8, 4, 2}, λ = (0.1, 0.1, 1)) or the baseline at one width (parent = r,
+  twice the steps at int2: the paper's 20M-token int2 budget "following OmniQuant").
+
+  OmniQuant's procedure (calibration.paper_omniquant_config): each width its own quantized
+  input stream, LWC + LET with the shift δ (Eq. 4 as written); learning rates scaled up from
+  OmniQuant's 1e-2 (LWC) / 5e-3 (LET) because tiny blocks get 100 steps, not 1,221.
+  """
   from matquant_jax.calibration.config import default_config
   c = default_config()
   c.model = DEMO_MODEL
   c.init = init
   c.tokenizer = tokenizer
+  c.objective.method = method
+  if bits is not None:
+    c.objective.bits = tuple(bits)
   c.data.source = "kjv"
   c.data.num_samples = 32
   c.data.seq_len = seq_len
   c.calibration.batch_size = 4
-  c.calibration.steps_per_block = steps
-  c.calibration.lr = 2e-2  # tiny blocks converge in a few hundred steps (configs/tiny_omniquant.py)
+  c.calibration.steps_per_block = steps * (2 if method == "baseline" and bits == (2,) else 1)
+  c.calibration.lr = 2e-2
+  c.calibration.lwc_lr = 2e-2
+  c.calibration.let_lr = 1e-2
+  c.calibration.input_mode = "quantized"
+  c.calibration.let = "scale_shift"
   c.calibration.compute_dtype = "float32"
-  c.log_every_steps = steps
+  c.log_every_steps = c.calibration.steps_per_block
   return c
 
 
@@ -135,6 +156,7 @@ class Settings:
   passed to worker processes explicitly."""
   model: str
   baseline_bits: tuple[int, ...]
+  minmax_bits: tuple[int, ...]
   matquant_slices: tuple[int, ...]
   mix_budgets: tuple[float, ...]
   search_budgets: tuple[float, ...]
@@ -149,7 +171,7 @@ def _stage(name: str, config, workdir: str, settings: Settings, options) -> dict
   models (unless `options` is None). Module-level so a spawned worker process can run it."""
   t0 = time.time()
   if config is not None:
-    (_calibrate if name == "omniquant_matquant" else _train)(config, workdir)
+    (_calibrate if name.startswith("omniquant") else _train)(config, workdir)
   out = {"name": name, "trained": config is not None, "records": [], "search": []}
   if options is not None:
     out.update(_evaluate_stage(name, pathlib.Path(workdir), settings, options))
@@ -173,7 +195,9 @@ def _evaluate_stage(name: str, wd: pathlib.Path, s: Settings, options) -> dict:
     rec.update(sweep.evaluate_params(get_config(s.model), final, tok, options))
     print(f"  {'bf16':>16} {'bf16':<28} log pplx {rec['log_pplx']:.4f}  task avg "
           f"{rec['task_avg']:.2f}", flush=True)
-    return {"records": [rec]}
+    # The same weights under plain per-channel MinMax(r), no training (Fig. 1b).
+    return {"records": [rec] + sweep.evaluate_minmax(get_config(s.model), final, tok,
+                                                     s.minmax_bits, options=options)}
   ckpt = MatQuantCheckpoint.load(wd / "matquant_int8")
   if name.startswith("baseline_int"):
     r = int(name[len("baseline_int"):])
@@ -184,6 +208,11 @@ def _evaluate_stage(name: str, wd: pathlib.Path, s: Settings, options) -> dict:
                                                   if b < 8], tok, method="sliced_int8",
                                            options=options)
     return {"records": records}
+  if name.startswith("omniquant_baseline_int"):
+    r = int(name[len("omniquant_baseline_int"):])
+    return {"records": sweep.evaluate_checkpoint(
+        ckpt, [f"ffn:int{r}:parent={r}" if r < 8 else "ffn:int8"], tok,
+        method="omniquant_baseline", options=options)}
   if name == "omniquant_matquant":
     return {"records": sweep.evaluate_checkpoint(ckpt, ["ffn:int8", "ffn:int4", "ffn:int2"], tok,
                                                  method="omniquant_matquant", options=options)}
@@ -227,8 +256,8 @@ def _evaluate_matquant(mq, tok, s: Settings, options) -> dict:
 
 
 # The table's row order.
-METHOD_ORDER = ("bf16", "baseline", "sliced_int8", "matquant", "omniquant_matquant", "mix_n_match",
-                "mix_n_match_search")
+METHOD_ORDER = ("bf16", "minmax", "baseline", "sliced_int8", "matquant", "omniquant_baseline",
+                "omniquant_matquant", "mix_n_match", "mix_n_match_search")
 
 
 def _run_stages(jobs: list[tuple], workers: int) -> list[dict]:
@@ -265,6 +294,7 @@ def run(args) -> dict:
   work.mkdir(parents=True, exist_ok=True)
   pre = work / "pretrain"
   s = Settings(model=DEMO_MODEL, baseline_bits=tuple(BASELINE_BITS),
+               minmax_bits=tuple(MINMAX_BITS),
                matquant_slices=tuple(MATQUANT_SLICES), mix_budgets=tuple(MIX_BUDGETS),
                search_budgets=tuple(SEARCH_BUDGETS), search_max_evals=SEARCH_MAX_EVALS,
                search_tokens=args.search_tokens, seq_len=args.seq_len, pretrain=str(pre))
@@ -296,21 +326,25 @@ def run(args) -> dict:
   stages.update({f"baseline_int{r}": dict(method="baseline", bits=(r,)) for r in BASELINE_BITS})
   configs = {name: stage_config(name, **kw, **qat) if todo(name, kw["method"]) else None
              for name, kw in stages.items()}
-  if todo("omniquant_matquant", "calibration"):
-    configs["omniquant_matquant"] = _omniquant_config(
-        init=f"run:{pre}", tokenizer=f"run:{pre}", seq_len=args.seq_len,
-        steps=args.omniquant_steps)
-    configs["omniquant_matquant"].run_name = "omniquant_matquant"
-  else:
-    configs["omniquant_matquant"] = None
+  calibrations = {"omniquant_matquant": dict(method="matquant")}
+  calibrations.update({f"omniquant_baseline_int{r}": dict(method="baseline", bits=(r,))
+                       for r in OMNIQUANT_BASELINE_BITS})
+  for name, kw in calibrations.items():
+    configs[name] = None
+    if todo(name, "calibration"):
+      configs[name] = _omniquant_config(init=f"run:{pre}", tokenizer=f"run:{pre}",
+                                        seq_len=args.seq_len, steps=args.omniquant_steps, **kw)
+      configs[name].run_name = name
   # Longest first (MatQuant trains three widths and runs the search), so two workers end together.
-  order = ["matquant", "omniquant_matquant"] + [n for n in stages if n != "matquant"]
+  order = (["matquant", "omniquant_matquant"] + [n for n in stages if n != "matquant"]
+           + [n for n in calibrations if n != "omniquant_matquant"])
   options = None if args.train_only else _eval_options(args)
   jobs = [(n, configs[n], str(work / n), s, options) for n in order]
   if options is not None:
     jobs.append(("pretrain", None, str(pre), s, options))
   _banner(f"2/3 QAT from the pretrained model (MatQuant R = {{8, 4, 2}}, baselines at "
-          f"int{', int'.join(map(str, BASELINE_BITS))}, OmniQuant-MatQuant)"
+          f"int{', int'.join(map(str, BASELINE_BITS))}), OmniQuant (MatQuant, baselines at "
+          f"int{', int'.join(map(str, OMNIQUANT_BASELINE_BITS))})"
           + ("" if options is None else " and evaluation on the held-out KJV chapters")
           + f", {args.jobs} at a time")
   results = _run_stages(jobs, args.jobs)
@@ -370,7 +404,8 @@ def _report(results: list[dict], work: pathlib.Path, out: pathlib.Path, s: Setti
 
 _LEGEND = {"matquant": "MatQuant", "mix_n_match": "Mix'n'Match", "baseline": "Baseline",
            "mix_n_match_search": "Mix'n'Match search", "sliced_int8": "Sliced int8",
-           "omniquant_matquant": "OmniQuant MatQuant"}
+           "omniquant_matquant": "OmniQuant MatQuant", "minmax": "MinMax",
+           "omniquant_baseline": "OmniQuant Baseline"}
 
 
 def _point(rec: dict) -> dict:

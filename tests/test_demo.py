@@ -17,11 +17,14 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(demo, "MATQUANT_SLICES", (8, 4, 2))
   monkeypatch.setattr(demo, "MIX_BUDGETS", (3.0,))
   monkeypatch.setattr(demo, "SEARCH_BUDGETS", (3.0, 4.0))
+  monkeypatch.setattr(demo, "OMNIQUANT_BASELINE_BITS", (2,))
+  monkeypatch.setattr(demo, "MINMAX_BITS", (8, 2))
   args = ["--workdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
           "--pretrain_steps", "3", "--qat_steps", "2", "--seq_len", "32", "--batch", "8",
           "--eval_tokens", "1000", "--task_examples", "8", "--jobs", "1",
           "--omniquant_steps", "2", "--search_tokens", "256"]
-  stages = ["baseline_int2", "baseline_int8", "matquant", "omniquant_matquant", "pretrain"]
+  stages = ["baseline_int2", "baseline_int8", "matquant", "omniquant_baseline_int2",
+            "omniquant_matquant", "pretrain"]
   # Training only: every stage trains, nothing is evaluated.
   assert demo.main(args + ["--train_only"]) == 0
   first = _summary(capsys)
@@ -42,6 +45,15 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch, capsys):
   swept = json.loads((tmp_path / "out" / "mixnmatch_search.json").read_text())
   assert [r["budget"] for r in swept] == [3.0, 4.0] and all("held_out_log_pplx" in r for r in swept)
   assert {r["bits"] for r in table if r["method"] == "omniquant_matquant"} == {8, 4, 2}
+  assert {r["bits"] for r in table if r["method"] == "omniquant_baseline"} == {2}
+  assert {r["bits"] for r in table if r["method"] == "minmax"} == {8, 2}
+  # Like for like: every OmniQuant stage calibrates the pretrained bf16 weights, with the
+  # paper's doubled int2 baseline budget.
+  for name in ("omniquant_matquant", "omniquant_baseline_int2"):
+    cfg = json.loads((tmp_path / "runs" / name / "config.json").read_text())
+    assert cfg["init"] == f"run:{tmp_path / 'runs' / 'pretrain'}", cfg["init"]
+  assert json.loads((tmp_path / "runs" / "omniquant_baseline_int2" / "config.json").read_text())[
+      "calibration"]["steps_per_block"] == 4
   for r in table:
     assert {"method", "bits", "effective_bits", "log_pplx"} <= set(r)
     # Mix'n'Match rows are scored by log pplx alone (the demo's time budget).
