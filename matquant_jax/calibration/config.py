@@ -154,6 +154,11 @@ def paper_omniquant_config(model: str) -> ml_collections.ConfigDict:
       at 100 steps fp 3.290, quantized 3.275.
     * calibration.lwc_lr = 1e-2 and let_lr = 5e-3, OmniQuant's code; the paper's single
       1e-3 is --config.calibration.lwc_lr=1e-3 --config.calibration.let_lr=1e-3.
+    * calibration.let = "scale_shift": Eq. 4's LET with its shift δ, folded into two biases
+      the exported int8 checkpoint carries (HF export then refuses it; --config.calibration.
+      let=scale keeps the released architecture).
+    * calibration.loss_normalization = "none": Eq. 7 as written ("minmax" protects int8/int4
+      at int2's expense; block.StepOptions).
 
   Set the released weights and tokenizer on the command line, e.g.
   --config.init=gemma:/ckpts/gemma2-9b --config.tokenizer=/ckpts/tokenizer.model.
@@ -162,6 +167,7 @@ def paper_omniquant_config(model: str) -> ml_collections.ConfigDict:
   c.calibration.input_mode = "quantized"
   c.calibration.lwc_lr = 1e-2
   c.calibration.let_lr = 5e-3
+  c.calibration.let = "scale_shift"
   return c
 
 

@@ -274,6 +274,10 @@ def test_paper_configs_resolve_to_the_paper_settings(file, arg, bits, lam, steps
   assert (s.objective.bits, s.objective.weights, s.steps_per_block) == (bits, lam, steps)
   assert (s.objective.parent_bits, s.objective.extra_precision) == (parent, ep)
   assert (s.num_samples, s.seq_len, s.batch_size, s.step.lr) == (128, 2048, 4, 1e-3)
+  # OmniQuant's procedure: quantized stream per width, its code's learning rates, Eq. 4's LET
+  # with the shift; the paper's literal loss (no normalization).
+  assert (s.step.input_mode, s.step.lwc_lr, s.step.let_lr) == ("quantized", 1e-2, 5e-3)
+  assert (s.step.calib.let, s.step.loss_normalization) == ("scale_shift", "none")
   assert dict(s.mesh.shape)["data"] == 4  # auto: the paper's batch of 4 over 4 of 8 devices
   c.aot_only = False
   with pytest.raises(calibration.ConfigError, match="config.init must be set"):
