@@ -195,9 +195,11 @@ def _evaluate_stage(name: str, wd: pathlib.Path, s: Settings, options) -> dict:
     rec.update(sweep.evaluate_params(get_config(s.model), final, tok, options))
     print(f"  {'bf16':>16} {'bf16':<28} log pplx {rec['log_pplx']:.4f}  task avg "
           f"{rec['task_avg']:.2f}", flush=True)
-    # The same weights under plain per-channel MinMax(r), no training (Fig. 1b).
-    return {"records": [rec] + sweep.evaluate_minmax(get_config(s.model), final, tok,
-                                                     s.minmax_bits, options=options)}
+    # The same weights under plain per-channel MinMax(r), no training (Fig. 1b); scored by
+    # log pplx only, like the OmniQuant baselines (the task is at chance; time budget).
+    return {"records": [rec] + sweep.evaluate_minmax(
+        get_config(s.model), final, tok, s.minmax_bits,
+        options=dataclasses.replace(options, tasks=()))}
   ckpt = MatQuantCheckpoint.load(wd / "matquant_int8")
   if name.startswith("baseline_int"):
     r = int(name[len("baseline_int"):])
@@ -212,7 +214,7 @@ def _evaluate_stage(name: str, wd: pathlib.Path, s: Settings, options) -> dict:
     r = int(name[len("omniquant_baseline_int"):])
     return {"records": sweep.evaluate_checkpoint(
         ckpt, [f"ffn:int{r}:parent={r}" if r < 8 else "ffn:int8"], tok,
-        method="omniquant_baseline", options=options)}
+        method="omniquant_baseline", options=dataclasses.replace(options, tasks=()))}
   if name == "omniquant_matquant":
     return {"records": sweep.evaluate_checkpoint(ckpt, ["ffn:int8", "ffn:int4", "ffn:int2"], tok,
                                                  method="omniquant_matquant", options=options)}

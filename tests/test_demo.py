@@ -56,7 +56,9 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch, capsys):
       "calibration"]["steps_per_block"] == 4
   for r in table:
     assert {"method", "bits", "effective_bits", "log_pplx"} <= set(r)
-    # Mix'n'Match rows are scored by log pplx alone (the demo's time budget).
-    assert "tasks" in r or r["method"] in ("mix_n_match", "mix_n_match_search")
+    # Mix'n'Match, MinMax and OmniQuant-baseline rows are scored by log pplx alone (the
+    # demo's time budget).
+    assert "tasks" in r or r["method"] in ("mix_n_match", "mix_n_match_search", "minmax",
+                                           "omniquant_baseline")
   for png in ("code_histograms.png", "quality_vs_bits.png", "mixnmatch_front.png"):
     assert (tmp_path / "out" / png).stat().st_size > 10_000
