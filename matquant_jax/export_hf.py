@@ -19,18 +19,26 @@ import pathlib
 import shutil
 import sys
 
-from absl import app
+from typing import Sequence
+
 from absl import flags
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "int8 MatQuant export directory.")
-_PLAN = flags.DEFINE_string("plan", "ffn:int4", "Precision plan to slice to (e.g. ffn:int2).")
-_OUT = flags.DEFINE_string("out", None, "Output directory (created).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "auto", "Tokenizer file to copy; 'auto' finds "
-                                 "it next to the checkpoint; 'none' copies nothing.")
-_MODEL_TYPE = flags.DEFINE_enum("model_type", "auto", ["auto", "gemma2", "llama", "mistral"],
-                                "HF model_type of the output.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored dtype.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint in --out.")
+from matquant_jax import cli
+
+PROG = "export_hf"
+# Its own FlagValues (cli.parse_flags): importing export_hf for the library function must not
+# add --out, --plan, ... to absl's global flags, which other commands' names would clash with.
+FLAGS = flags.FlagValues()
+_F = dict(flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "int8 MatQuant export directory.", **_F)
+flags.DEFINE_string("plan", "ffn:int4", "Precision plan to slice to (e.g. ffn:int2).", **_F)
+flags.DEFINE_string("out", None, "Output directory (created).", **_F)
+flags.DEFINE_string("tokenizer", "auto", "Tokenizer file to copy; 'auto' finds it next to the "
+                    "checkpoint; 'none' copies nothing.", **_F)
+flags.DEFINE_enum("model_type", "auto", ["auto", "gemma2", "llama", "mistral"],
+                  "HF model_type of the output.", **_F)
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored dtype.", **_F)
+flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint in --out.", **_F)
 
 
 def copy_tokenizer_files(tokenizer_file: pathlib.Path, out: pathlib.Path) -> list[str]:
@@ -99,26 +107,22 @@ def export_hf(checkpoint: str | pathlib.Path, plan, out: str | pathlib.Path, *,
   return out
 
 
-def main(argv) -> int:
-  del argv
-  if not _CHECKPOINT.value or not _OUT.value:
-    print("error: pass --checkpoint=<int8 MatQuant export dir> and --out=<new dir>.",
-          file=sys.stderr)
-    return 2
-  if not pathlib.Path(_CHECKPOINT.value).is_dir():
-    print(f"error: --checkpoint={_CHECKPOINT.value}: no such directory.", file=sys.stderr)
-    return 2
+def main(argv: Sequence[str] | None = None) -> int:
+  cli.parse_flags(FLAGS, argv, PROG)
+  f = FLAGS
+  if not f.checkpoint or not f.out:
+    cli.fail(PROG, "pass --checkpoint=<int8 MatQuant export dir> and --out=<new dir>.")
+  if not pathlib.Path(f.checkpoint).is_dir():
+    cli.fail(PROG, f"--checkpoint={f.checkpoint}: no such directory.")
   try:
-    out = export_hf(_CHECKPOINT.value, _PLAN.value, _OUT.value, tokenizer=_TOKENIZER.value,
-                    model_type=None if _MODEL_TYPE.value == "auto" else _MODEL_TYPE.value,
-                    dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+    out = export_hf(f.checkpoint, f.plan, f.out, tokenizer=f.tokenizer,
+                    model_type=None if f.model_type == "auto" else f.model_type,
+                    dtype=f.dtype, overwrite=f.overwrite)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {out} ({_PLAN.value}, {_DTYPE.value}): "
-        f"{sorted(p.name for p in out.iterdir())}")
+    return cli.error(PROG, str(e))
+  print(f"wrote {out} ({f.plan}, {f.dtype}): {sorted(p.name for p in out.iterdir())}")
   return 0
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  sys.exit(main())

@@ -6,6 +6,7 @@ from absl import flags
 from matquant_jax import cli
 from matquant_jax import demo
 from matquant_jax import evaluate
+from matquant_jax import export_hf
 from matquant_jax import mixnmatch
 
 
@@ -36,7 +37,7 @@ def test_parse_flags_is_reentrant_and_refuses_bad_input(capsys):
 
 def test_commands_keep_their_flags_apart():
   # The same flag name in several commands, all importable in one process.
-  names = [set(m.FLAGS) for m in (evaluate, demo)]
+  names = [set(m.FLAGS) for m in (evaluate, demo, export_hf)]
   mixnmatch._define_flags()
   names.append(set(mixnmatch.FLAGS))
   assert all("out" in n for n in names)
