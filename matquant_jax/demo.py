@@ -21,8 +21,8 @@ score) it:
      results/demo/code_histograms.png, quality_vs_bits.png and mixnmatch_front.png.
 
 Scores: log perplexity on the KJV validation chapters (mean token NLL, nats) and the
-`kjv_verse_completion` 4-way multiple-choice task built from the same held-out chapters. Stages whose
-outputs exist in --workdir are reused (the summary's "reused"); --fresh starts over, and
+`kjv_verse_completion` 4-way multiple-choice task built from the same held-out chapters. Stages
+whose outputs exist in --workdir are reused (the summary's "reused"); --fresh starts over, and
 --train_only trains every stage without evaluating.
 """
 

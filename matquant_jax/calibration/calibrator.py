@@ -408,6 +408,7 @@ def export_calibrated(path: str | pathlib.Path, setup: config_lib.CalibSetup,
           "input_mode": setup.step.input_mode, "steps_per_block": setup.steps_per_block,
           **dict(metadata or {})}
   return export_matquant_checkpoint(
-      path, transform.folded_config(setup.model, setup.step.calib), folded, scope=setup.objective.scope,
+      path, transform.folded_config(setup.model, setup.step.calib), folded,
+      scope=setup.objective.scope,
       parent_bits=setup.objective.parent_bits, round_zero=setup.step.calib.round_zero,
       metadata=meta, overwrite=overwrite, clipping=clipping, float_dtype=float_dtype)

@@ -71,15 +71,21 @@ def test_folding_the_shift_is_exact_and_adds_the_biases(name, tiny):
                              rtol=5e-5, atol=5e-5)
 
 
-def test_shift_fold_matches_eq4_written_out():
-  """Eq. 4 on the FFN input: ((x̂ − δ) ⊘ s)(s ⊙ W) + δ·W, with W the unscaled kernel."""
-  config = get_config("tiny_gemma2")
-  rng = np.random.default_rng(4)
+def _ffn_block(config, rng):
+  """A pre-FFN norm and FFN with random weights, and a random LET input scale."""
   d, f = config.embed_dim, config.hidden_dim
   p = {"pre_ffw_norm": {"scale": rng.normal(0, 0.3, (d,)).astype(np.float32)},
        "mlp": {"gating_einsum": {"w": rng.normal(0, 0.2, (2, d, f)).astype(np.float32)},
                "linear": {"w": rng.normal(0, 0.1, (f, d)).astype(np.float32)}}}
-  s_in = np.exp(rng.normal(0, 0.5, (d,))).astype(np.float32)
+  return p, np.exp(rng.normal(0, 0.5, (d,))).astype(np.float32)
+
+
+def test_shift_fold_matches_eq4_written_out():
+  """Eq. 4 on the FFN input: ((x̂ − δ) ⊘ s)(s ⊙ W) + δ·W, with W the unscaled kernel."""
+  config = get_config("tiny_gemma2")
+  rng = np.random.default_rng(4)
+  d = config.embed_dim
+  p, s_in = _ffn_block(config, rng)
   delta = rng.normal(0, 0.5, (d,)).astype(np.float32)
   folded = transform.fold_let(config, p, {"ffn_in": np.log(s_in), "ffn_shift": delta})
   x = rng.normal(0, 1, (3, 5, d)).astype(np.float32)
@@ -101,10 +107,7 @@ def test_ffn_fold_matches_explicit_activation_transform():
   config = get_config("tiny_gemma2")
   rng = np.random.default_rng(1)
   d, f = config.embed_dim, config.hidden_dim
-  p = {"pre_ffw_norm": {"scale": rng.normal(0, 0.3, (d,)).astype(np.float32)},
-       "mlp": {"gating_einsum": {"w": rng.normal(0, 0.2, (2, d, f)).astype(np.float32)},
-               "linear": {"w": rng.normal(0, 0.1, (f, d)).astype(np.float32)}}}
-  s_in = np.exp(rng.normal(0, 0.5, (d,))).astype(np.float32)
+  p, s_in = _ffn_block(config, rng)
   s_mid = np.exp(rng.normal(0, 0.5, (f,))).astype(np.float32)
   x = rng.normal(0, 1, (3, 5, d)).astype(np.float32)
 
