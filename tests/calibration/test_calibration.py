@@ -188,6 +188,11 @@ def test_shifted_calibration_exports_a_model_every_loader_runs(tiny, tmp_path):
   ref = transformer_lib.Transformer(ckpt.config).apply({"params": served}, tokens)
   np.testing.assert_allclose(np.asarray(model.model().apply({"params": model.params}, tokens)),
                              np.asarray(ref), rtol=1e-4, atol=1e-4)
+  packed = loader.load_serving_checkpoint(loader.export_serving_checkpoint(
+      model, tmp_path / "serving"))  # the packed serving format keeps the biases too
+  assert packed.config.ffn_shift
+  np.testing.assert_array_equal(packed.params["layer_1"]["mlp"]["gating_bias"],
+                                np.asarray(served["layer_1"]["mlp"]["gating_bias"]))
   with pytest.raises(_common.CheckpointError, match="LET shift.*let=scale"):
     export_hf.export_hf(path, "ffn:int4", tmp_path / "hf")
 
