@@ -98,6 +98,9 @@ class CalibOptions:
                        f"{self.scope.value!r}.")
     if self.let not in LET_MODES:
       raise ValueError(f"let={self.let!r}; choose one of {LET_MODES}.")
+    if self.let == "scale_shift" and not self.quantizes_ffn:
+      raise ValueError(f"let='scale_shift' shifts the FFN input, and scope "
+                       f"{self.scope.value!r} quantizes no FFN kernel; use let='scale'.")
 
   @property
   def kernel_paths(self) -> tuple[tuple[str, str], ...]:

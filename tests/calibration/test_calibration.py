@@ -302,6 +302,7 @@ def test_tiny_config_resolves():
     ({"calibration.let": "shift"}, "let="),
     ({"calibration.input_mode": "layerwise"}, "input_mode"),
     ({"calibration.loss_normalization": "energy"}, "loss_normalization"),
+    ({"objective.scope": "attn", "calibration.let": "scale_shift"}, "no FFN kernel"),
     ({"calibration.lwc": False, "calibration.let": "none"}, "nothing to learn"),
     ({"calibration.batch_size": 5}, "not a multiple of calibration.batch_size"),
     ({"calibration.num_microbatches": 3}, "num_microbatches"),
