@@ -14,9 +14,11 @@ restarting the same command restores the latest one and continues exactly where 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -605,27 +607,33 @@ def _unrolled_cost(config, setup: Setup) -> dict[str, float]:
   loss-chunk loop stays a loop and its other chunks are added from a compile at half the chunk.
   """
   unrolled = dataclasses.replace(setup, unroll_scans=True)
+  if not setup.scan_layers:
+    programs = [unrolled]
+  else:
+    period = transformer_lib.layer_period(setup.model)
+    groups = setup.model.num_layers // period
+    programs = [dataclasses.replace(unrolled, model=setup.model.replace(num_layers=g * period))
+                for g in (1, 2)]
+  first = programs[0]
+  # The loss-chunk loop stays a loop (counted once): add the other chunks. A chunk's cost is
+  # linear in its length, so halving it measures half a chunk.
+  c = setup.loss_chunk_size and objectives_lib.chunk_length(setup.seq_len, setup.loss_chunk_size)
+  add_chunks = bool(c and setup.seq_len // c > 1 and c % 2 == 0)
+  if add_chunks:
+    programs.append(dataclasses.replace(first, loss_chunk_size=c // 2))
 
   def cost(s):
     return aot.cost_dict(compile_step(s, *make_optimizer(config, s))[1])
 
+  # XLA compiles without the GIL: the (independent) programs compile side by side.
+  with concurrent.futures.ThreadPoolExecutor(min(len(programs), os.cpu_count() or 1)) as pool:
+    costs = list(pool.map(cost, programs))
   if not setup.scan_layers:
-    total = cost(unrolled)
-    first = unrolled
+    total = costs[0]
   else:
-    period = transformer_lib.layer_period(setup.model)
-    groups = setup.model.num_layers // period
-    cuts = [dataclasses.replace(unrolled, model=setup.model.replace(num_layers=g * period))
-            for g in (1, 2)]
-    costs = [cost(c) for c in cuts]
     total = aot.extrapolate_depth(costs[0], costs[1], groups)
-    first = cuts[0]
-  # The loss-chunk loop stays a loop (counted once): add the other chunks. A chunk's cost is
-  # linear in its length, so halving it measures half a chunk.
-  c = setup.loss_chunk_size and objectives_lib.chunk_length(setup.seq_len, setup.loss_chunk_size)
-  if c and setup.seq_len // c > 1 and c % 2 == 0:
-    full = costs[0] if setup.scan_layers else total
-    half = cost(dataclasses.replace(first, loss_chunk_size=c // 2))
+  if add_chunks:
+    full, half = costs[0], costs[-1]
     total = {k: total[k] + (setup.seq_len // c - 1) * 2 * (full[k] - half[k])
              for k in total if k in half}
     if "optimal_seconds" in total and min(full.get("optimal_seconds", -1),

@@ -22,7 +22,8 @@ import pytest
 from matquant_jax.checkpoints import _common
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-STEPS = 6
+STEPS = 4
+CKPT_EVERY = 2
 
 
 def _free_port() -> int:
@@ -35,8 +36,9 @@ def _cmd(workdir, *extra):
   return [sys.executable, "-m", "matquant_jax.train", "--config=configs/tiny_qat.py",
           f"--workdir={workdir}", f"--config.num_steps={STEPS}", "--config.data.seq_len=32",
           "--config.data.global_batch_size=8", "--config.data.num_shards=2",
-          "--config.mesh.fsdp=2", "--config.log_every_steps=3",
-          "--config.checkpoint_every_steps=3", "--config.optimizer.warmup_steps=2", *extra]
+          "--config.mesh.fsdp=2", f"--config.log_every_steps={CKPT_EVERY}",
+          f"--config.checkpoint_every_steps={CKPT_EVERY}", "--config.optimizer.warmup_steps=2",
+          *extra]
 
 
 def _env(devices: int):
@@ -129,8 +131,8 @@ def test_sigkill_both_processes_and_resume(runs):
   procs = _start_pod(work)
   try:
     deadline = time.time() + 300
-    # Kill as soon as the step-3 checkpoint is committed (Orbax renames it into place).
-    while not (work / "checkpoints" / "3").is_dir():
+    # Kill as soon as the first checkpoint is committed (Orbax renames it into place).
+    while not (work / "checkpoints" / str(CKPT_EVERY)).is_dir():
       assert time.time() < deadline and all(p.poll() is None for p in procs), (
           [p.communicate()[0][-3000:] for p in procs if p.poll() is not None])
       time.sleep(0.2)

@@ -125,8 +125,15 @@ def _read_metrics(workdir):
   return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_training_learns_and_exports(tmp_path):
-  summary = trainer.train(tiny_config(num_steps=30, log_every_steps=5), tmp_path)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One 30-step MatQuant run shared by the tests that read its metrics and its export."""
+  workdir = tmp_path_factory.mktemp("trained")
+  return workdir, trainer.train(tiny_config(num_steps=30, log_every_steps=5), workdir)
+
+
+def test_tiny_training_learns_and_exports(trained):
+  tmp_path, summary = trained
   m = _read_metrics(tmp_path)
   assert m[-1]["loss"] < m[0]["loss"] - 0.5
   for r in (8, 4, 2):
@@ -161,8 +168,8 @@ def test_nan_stops_training_naming_the_step(tmp_path, monkeypatch):
 # both processes killed mid-run, restarted, bit-identical final params.
 
 
-def test_export_restores_and_slices_in_a_fresh_process_on_8_devices(tmp_path):
-  trainer.train(tiny_config(num_steps=4), tmp_path)
+def test_export_restores_and_slices_in_a_fresh_process_on_8_devices(trained):
+  tmp_path, _ = trained
   script = f"""
 import jax, jax.numpy as jnp, numpy as np, orbax.checkpoint as ocp
 from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
