@@ -279,12 +279,15 @@ class Attention(nn.Module):
     quant: fake-quantization of q/kv/attn_vec kernels, or None.
     dtype: compute dtype.
     param_dtype: storage dtype of the kernels.
+    kernel: computes softmax(mask(softcap(qkᵀ)))·v instead of XLA when there is no cache
+      (splash_attention.SplashAttention), or None.
   """
   config: TransformerConfig
   is_local: bool = False
   quant: WeightQuant | KernelQuants | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel: Any = None
 
   def _einsum(self, name: str) -> Einsum:
     return kernel_einsum(name, self.config, self.quant, self.dtype, self.param_dtype)
@@ -314,6 +317,11 @@ class Attention(nn.Module):
     # Scaling q after RoPE (gemma) rather than the logits (HF) is the same up to rounding.
     q = q * jnp.asarray(cfg.resolved_query_scale, self.dtype)
 
+    window = cfg.sliding_window if self.is_local else None
+    if self.kernel is not None and cache is None:
+      encoded = self.kernel(q, k, v, segment_ids, window)
+      return self._einsum("attn_vec_einsum")("BTNH,NHD->BTD", encoded), None
+
     keys, values, k_pos, k_seg = k, v, positions, segment_ids
     new_cache = None
     if cache is not None:
@@ -326,7 +334,6 @@ class Attention(nn.Module):
       k_seg = jnp.concatenate([cached_seg, segment_ids.astype(jnp.int32)], axis=1)
       new_cache = _write_cache(cache, k, v, positions, segment_ids)
 
-    window = cfg.sliding_window if self.is_local else None
     mask = attention_mask(positions, segment_ids, k_pos, k_seg, window)  # [B, T, S]
 
     groups = n // k_heads

@@ -137,6 +137,7 @@ class Block(nn.Module):
     attn_quant, ffn_quant: fake-quantization of the attention / FFN kernels, or None.
     dtype: compute dtype.
     param_dtype: storage dtype.
+    attention_kernel: layers.Attention.kernel.
   """
   config: TransformerConfig
   layer: int
@@ -144,6 +145,7 @@ class Block(nn.Module):
   ffn_quant: layers.WeightQuant | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_kernel: Any = None
 
   def _norm(self, name: str, use_bias: bool = False) -> layers.RMSNorm:
     return layers.RMSNorm(norm_type=self.config.norm_type, eps=self.config.norm_eps,
@@ -157,7 +159,7 @@ class Block(nn.Module):
     cfg = self.config
     attn_out, cache = layers.Attention(
         config=cfg, is_local=cfg.is_local(self.layer), quant=self.attn_quant, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="attn")(
+        param_dtype=self.param_dtype, kernel=self.attention_kernel, name="attn")(
             self._norm("pre_attention_norm")(x), positions, segment_ids, cache)
     if cfg.post_norms:
       attn_out = self._norm("post_attention_norm")(attn_out)
@@ -178,12 +180,14 @@ class _LayerGroup(nn.Module):
   param_dtype: Dtype = jnp.float32
   mesh: Any = None
   axis_rules: Any = None
+  attention_kernel: Any = None
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     for j, (attn_quant, ffn_quant) in enumerate(self.quants):
       x, _ = Block(config=self.config, layer=j, attn_quant=attn_quant, ffn_quant=ffn_quant,
-                   dtype=self.dtype, param_dtype=self.param_dtype, name=f"sub_{j}")(
+                   dtype=self.dtype, param_dtype=self.param_dtype,
+                   attention_kernel=self.attention_kernel, name=f"sub_{j}")(
                        x, positions, segment_ids, None)
       x = constrain_activations(x, self.mesh, self.axis_rules)
     return x, None
@@ -218,6 +222,7 @@ class Transformer(nn.Module):
   axis_rules: Any = None
   unroll_scan: bool = False   # unroll the layer scan in HLO (XLA's cost model counts a loop
                               # body once; training/aot.py unrolls to count every layer)
+  attention_kernel: Any = None  # layers.Attention.kernel (e.g. splash on TPU), used without cache
 
   def _scanned_stack(self, x, positions, segment_ids):
     cfg = self.config
@@ -246,7 +251,8 @@ class Transformer(nn.Module):
                       metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = scanned(config=cfg, quants=tuple(quants), dtype=self.dtype,
                    param_dtype=self.param_dtype, mesh=self.mesh, axis_rules=self.axis_rules,
-                   name="layers")(x, positions, segment_ids)
+                   attention_kernel=self.attention_kernel, name="layers")(
+                       x, positions, segment_ids)
     return x
 
   @nn.compact
@@ -300,7 +306,8 @@ class Transformer(nn.Module):
           config=cfg, layer=i,
           attn_quant=_layer_quant(self.plan, i, cfg.num_layers, "attn"),
           ffn_quant=_layer_quant(self.plan, i, cfg.num_layers, "ffn"),
-          dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
+          dtype=self.dtype, param_dtype=self.param_dtype,
+          attention_kernel=self.attention_kernel, name=name)(
               x, positions, segment_ids, None if cache is None else cache[name])
       if cache is not None:
         new_cache[name] = layer_cache

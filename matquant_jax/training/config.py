@@ -105,6 +105,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.scan_layers = True
   c.remat = "none"
   c.loss_chunk_size = 1024
+  # How attention runs in the train step: "xla" (einsums; the scores [B, N, T, T] exist in
+  # memory), "splash" (the Pallas TPU kernel of models/splash_attention.py: sequence and head_dim
+  # multiples of 128; interpreted, slowly, off TPU) or "auto" (splash when compiling for TPU and
+  # the shapes allow it, else xla). Same numbers up to float rounding.
+  c.attention_kernel = "auto"
   # Device kind used for MFU when the backend's own name is not in the peak-FLOPs table.
   c.peak_flops_per_device = config_dict.placeholder(float)
   return c

@@ -31,6 +31,7 @@ import optax
 from flax import struct
 
 from matquant_jax.models import config as model_config_lib
+from matquant_jax.models import splash_attention as splash_lib
 from matquant_jax.models import transformer as transformer_lib
 from matquant_jax.quant import forward as forward_lib
 from matquant_jax.quant.plan import Scope
@@ -69,6 +70,7 @@ class Setup:
   remat: str = "none"             # transformer.REMAT_POLICIES
   loss_chunk_size: int = 0        # sequence tokens per loss chunk; 0 = full logits
   unroll_scans: bool = False      # unroll every scan in HLO (only for XLA's cost analysis)
+  attention_kernel: str = "xla"   # xla | splash (resolved from config.attention_kernel)
 
 
 def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
@@ -103,7 +105,30 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
                compute_dtype=COMPUTE_DTYPES[config.compute_dtype], num_steps=num_steps,
                seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
                train_scope=config.train_scope, scan_layers=bool(config.scan_layers),
-               remat=config.remat, loss_chunk_size=int(config.loss_chunk_size))
+               remat=config.remat, loss_chunk_size=int(config.loss_chunk_size),
+               attention_kernel=_attention_kernel(config, model, mesh))
+
+
+def _attention_kernel(config, model, mesh) -> str:
+  """config.attention_kernel resolved to "xla" or "splash"; refuses what splash cannot run."""
+  choice = config.get("attention_kernel", "auto")
+  if choice not in ("auto", "xla", "splash"):
+    raise ConfigError(f"config.attention_kernel={choice!r}; choose auto, xla or splash.")
+  if choice == "xla":
+    return "xla"
+  on_tpu = mesh.devices.flat[0].platform == "tpu"
+  # Off TPU the kernel is interpreted, which takes any shape.
+  why = splash_lib.check_shapes(int(config.data.seq_len), model.head_dim) if on_tpu else None
+  tensor = mesh.shape["tensor"]
+  if why is None and model.num_kv_heads % tensor:
+    why = (f"{model.name} has {model.num_kv_heads} key/value heads, which the tensor axis "
+           f"({tensor}) does not divide")
+  if choice == "auto":
+    return "splash" if on_tpu and why is None else "xla"
+  if why is not None:
+    raise ConfigError(f"config.attention_kernel='splash': {why}; use "
+                      f"--config.attention_kernel=xla.")
+  return "splash"
 
 
 def _check_data(config, mesh) -> None:
@@ -230,14 +255,20 @@ def fake_quant_params(params, objective: objectives_lib.Objective, bits):
 
 def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_dtype, *,
                   scan_layers: bool = False, remat: str = "none", mesh=None,
-                  return_hidden: bool = False, unroll_scan: bool = False):
+                  return_hidden: bool = False, unroll_scan: bool = False,
+                  attention_kernel: str = "xla"):
   """(params, batch, bits) -> logits (or final hidden states), for objectives.loss_and_grads.
 
   With a mesh, activations are pinned to the logical axes of sharding.DEFAULT_RULES.
   """
+  rules = None if mesh is None else sharding_lib.DEFAULT_RULES
+  kernel = None
+  if attention_kernel == "splash":
+    kernel = splash_lib.SplashAttention(softcap=model.attn_logit_softcap, mesh=mesh,
+                                        axis_rules=rules)
   module = transformer_lib.Transformer(
       model, dtype=compute_dtype, scan_layers=scan_layers, remat=remat, mesh=mesh,
-      axis_rules=None if mesh is None else sharding_lib.DEFAULT_RULES, unroll_scan=unroll_scan)
+      axis_rules=rules, unroll_scan=unroll_scan, attention_kernel=kernel)
 
   def apply_fn(params, batch, bits):
     if bits is not None:
@@ -274,7 +305,8 @@ def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
   chunked = setup.loss_chunk_size > 0
   apply_fn = make_apply_fn(setup.model, setup.objective, setup.compute_dtype,
                            scan_layers=setup.scan_layers, remat=setup.remat, mesh=setup.mesh,
-                           return_hidden=chunked, unroll_scan=setup.unroll_scans)
+                           return_hidden=chunked, unroll_scan=setup.unroll_scans,
+                           attention_kernel=setup.attention_kernel)
   head = None
   if chunked:
     def head(params, hidden):
@@ -622,8 +654,10 @@ def _unrolled_cost(config, setup: Setup) -> dict[str, float]:
   if add_chunks:
     programs.append(dataclasses.replace(first, loss_chunk_size=c // 2))
 
+  kernels = _kernel_costs(setup)
+
   def cost(s):
-    return aot.cost_dict(compile_step(s, *make_optimizer(config, s))[1])
+    return aot.cost_dict(compile_step(s, *make_optimizer(config, s))[1], kernels)
 
   # XLA compiles without the GIL: the (independent) programs compile side by side.
   with concurrent.futures.ThreadPoolExecutor(min(len(programs), os.cpu_count() or 1)) as pool:
@@ -640,6 +674,20 @@ def _unrolled_cost(config, setup: Setup) -> dict[str, float]:
                                           half.get("optimal_seconds", -1)) <= 0:
       total.pop("optimal_seconds")
   return total
+
+
+def _kernel_costs(setup: Setup) -> dict[str, dict[str, float]] | None:
+  """Per-call cost of the Pallas kernels in the step, for aot.cost_dict (None: no kernels)."""
+  if setup.attention_kernel != "splash":
+    return None
+  shape = setup.mesh.shape
+  model = setup.model
+  windows = [model.sliding_window if model.is_local(i) else None
+             for i in range(model.num_layers)]
+  return splash_lib.kernel_costs(
+      batch=setup.global_batch_size // (shape["data"] * shape["fsdp"]),
+      heads=model.num_heads // shape["tensor"], seq_len=setup.seq_len,
+      head_dim=model.head_dim, windows=windows)
 
 
 def _abstract_state(setup: Setup, tx, shardings: TrainState) -> TrainState:

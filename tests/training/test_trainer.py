@@ -246,5 +246,12 @@ def test_sharded_step_equals_single_device(tmp_path):
     results.append((jax.device_get(state.params), float(m["loss"])))
   (p1, l1), (p8, l8) = results
   assert l1 == pytest.approx(l8, rel=1e-5)
+  # The sharded reductions add in another order, which can move a weight across a rounding
+  # boundary of the fake quantizer: its gradient then changes, and Adam turns that into an
+  # update of up to the learning rate per step. Allow that on a few elements (seen: 1 in 16,384
+  # on one CPU); everything else agrees to float rounding.
+  bound = 2 * c.optimizer.peak_lr
   for x, y in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
-    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+    close = np.isclose(x, y, rtol=2e-4, atol=2e-5)
+    assert close.mean() >= 0.999, f"{(~close).sum()} of {close.size} elements differ"
+    np.testing.assert_allclose(x, y, atol=bound)
