@@ -120,7 +120,7 @@ class SplashAttention:
     return platform != "tpu"
 
   def _local(self, q, k, v, segment_ids, window):
-    batch, seq, heads, _ = q.shape
+    _, seq, heads, _ = q.shape
     kernel = _kernel(seq, heads, window, self.softcap, self.block, self.interpret)
     # The kernel takes one sequence, heads first: [N, T, H].
     qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
