@@ -161,11 +161,9 @@ def kernel_costs(*, batch: int, heads: int, seq_len: int, head_dim: int,
   bf16, f32 = 2, 4
   row = seq_len * head_dim
   fwd = {"flops": n * tiles * 4 * b * b * head_dim,
-         "transcendentals": n * tiles * b * b,
          "bytes accessed": n * (2 * row * bf16 + tiles * 2 * b * head_dim * bf16 +
                                 2 * seq_len * f32)}
   bwd = {"flops": n * tiles * 10 * b * b * head_dim,
-         "transcendentals": n * tiles * b * b,
          "bytes accessed": n * (tiles * 2 * b * head_dim * bf16 + 2 * row * bf16 +
                                 2 * row * bf16 + row * f32 + 2 * seq_len * f32)}
   return {FWD_KERNEL: fwd, BWD_KERNEL: bwd}

@@ -82,6 +82,9 @@ def test_attention_kernel_option_resolves_and_refuses_by_name():
   assert trainer.resolve(tiny_config(attention_kernel="splash")).attention_kernel == "splash"
   with pytest.raises(ConfigError, match="choose auto, xla or splash"):
     trainer.resolve(tiny_config(attention_kernel="flash"))
+  # Heads are sharded over the tensor axis: tiny_gemma2's 2 kv heads do not split 4 ways.
+  with pytest.raises(ConfigError, match="2 key/value heads, which the tensor axis \\(4\\)"):
+    trainer.resolve(tiny_config(**{"attention_kernel": "splash", "mesh.tensor": 4}))
 
 
 @needs_libtpu
