@@ -278,5 +278,6 @@ def save_gemma_flax_checkpoint(
       tree[_PREFIX + module] = x
     else:
       tree.setdefault(_PREFIX + module, {})[leaf] = x
+  _common.orbax_whole_shards_on_cpu()
   ocp.PyTreeCheckpointer().save(path, tree, force=overwrite)
   return path

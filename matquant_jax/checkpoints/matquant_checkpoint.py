@@ -133,6 +133,7 @@ def export_matquant_checkpoint(
   if primary:
     path.mkdir(parents=True)
   _sync_processes(f"matquant_jax export {path}: created")
+  _common.orbax_whole_shards_on_cpu()
   ckptr = ocp.StandardCheckpointer()
   ckptr.save((path / "arrays").absolute(), tree)
   ckptr.wait_until_finished()

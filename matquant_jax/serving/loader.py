@@ -269,6 +269,7 @@ def export_serving_checkpoint(model: ServingModel, path: str | pathlib.Path, *,
   tree = {"packed": _common.unflatten_tree(packed), "float": _common.unflatten_tree(floats)}
   import orbax.checkpoint as ocp
   path.mkdir(parents=True)
+  _common.orbax_whole_shards_on_cpu()
   ckptr = ocp.StandardCheckpointer()
   ckptr.save((path / "arrays").absolute(), tree)
   ckptr.wait_until_finished()

@@ -485,6 +485,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   data_iter = lm.HostBatches(dcfg, tokenizer, split="train", num_shards=data_num_shards(config),
                              process_index=jax.process_index(),
                              process_count=jax.process_count())
+  from matquant_jax.checkpoints._common import orbax_whole_shards_on_cpu
+  orbax_whole_shards_on_cpu()
   mngr = ocp.CheckpointManager(
       workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
