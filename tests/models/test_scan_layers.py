@@ -1,5 +1,7 @@
 """The scanned decoder stack: same numbers as the per-layer model, both param layouts convert."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -32,24 +34,30 @@ def test_scanned_stack_equals_per_layer_model(name):
 
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
   plan = PrecisionPlan.parse("ffn:int4")
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def logits_and_grads(model, p):
+    # One program per model: the logits and the gradient of sum(logits²) (a compile each is
+    # most of this test's time).
+    out, vjp = jax.vjp(lambda p: model.apply({"params": p}, tokens), p)
+    return out, vjp(2 * out)[0]
+
   ref_model = T.Transformer(cfg, plan=plan)
-  ref = jax.jit(ref_model.apply)({"params": params}, tokens)
-  ref_grads = T.stack_layers(jax.jit(jax.grad(
-      lambda p: jnp.sum(ref_model.apply({"params": p}, tokens) ** 2)))(params), cfg)
+  ref, ref_grads = logits_and_grads(ref_model, params)
+  ref_grads = T.stack_layers(ref_grads, cfg)
   for remat in ("none", "dots", "full"):
-    model = T.Transformer(cfg, plan=plan, scan_layers=True, remat=remat)
-    np.testing.assert_allclose(jax.jit(model.apply)({"params": stacked}, tokens), ref,
-                               rtol=1e-5, atol=1e-5)
     if remat == "dots" and name == "tiny_gemma2":
       continue  # the policy only changes what the backward pass recomputes; one model suffices
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens) ** 2)))(
-        stacked)
+    model = T.Transformer(cfg, plan=plan, scan_layers=True, remat=remat)
+    out, grads = logits_and_grads(model, stacked)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     for g, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
       # float32 summation order differs between the scan and the unrolled layers.
       np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
-  hidden = T.Transformer(cfg, plan=plan, scan_layers=True).apply(
-      {"params": stacked}, tokens, return_hidden=True)
-  np.testing.assert_allclose(T.head_logits(cfg, params, hidden), ref, rtol=1e-5, atol=1e-5)
+  hidden = jax.jit(lambda p: T.Transformer(cfg, plan=plan, scan_layers=True).apply(
+      {"params": p}, tokens, return_hidden=True))(stacked)
+  np.testing.assert_allclose(jax.jit(lambda p, h: T.head_logits(cfg, p, h))(params, hidden),
+                             ref, rtol=1e-5, atol=1e-5)
 
 
 def test_scanned_stack_refuses_what_it_cannot_do():
