@@ -46,9 +46,13 @@ def test_scanned_stack_equals_per_layer_model(name):
   ref, ref_grads = logits_and_grads(ref_model, params)
   ref_grads = T.stack_layers(ref_grads, cfg)
   for remat in ("none", "dots", "full"):
-    if remat == "dots" and name == "tiny_gemma2":
-      continue  # the policy only changes what the backward pass recomputes; one model suffices
     model = T.Transformer(cfg, plan=plan, scan_layers=True, remat=remat)
+    if remat == "dots" and name == "tiny_gemma2":
+      # The policy only changes what the backward pass recomputes; one model's gradients
+      # suffice.
+      np.testing.assert_allclose(jax.jit(model.apply)({"params": stacked}, tokens), ref,
+                                 rtol=1e-5, atol=1e-5)
+      continue
     out, grads = logits_and_grads(model, stacked)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     for g, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
