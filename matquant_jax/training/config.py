@@ -110,6 +110,11 @@ def default_config() -> ml_collections.ConfigDict:
   # multiples of 128; interpreted, slowly, off TPU) or "auto" (splash when compiling for TPU and
   # the shapes allow it, else xla). Same numbers up to float rounding.
   c.attention_kernel = "auto"
+  # How one step runs the objective's bit-widths: "scan" (one lax.scan over a traced width: one
+  # compiled forward/backward for all widths) or "unrolled" (one traced program per width, in
+  # Python order). Same numbers; they differ in compile time, speed and peak memory
+  # (benchmarks/width_loop.py measures both).
+  c.width_loop = "scan"
   # Device kind used for MFU when the backend's own name is not in the peak-FLOPs table.
   c.peak_flops_per_device = config_dict.placeholder(float)
   return c

@@ -329,6 +329,11 @@ class _Losses:
 ApplyFn = Callable[[object, Mapping[str, jax.Array], "int | jax.Array | None"], jax.Array]
 
 
+# How loss_and_grads runs several widths (config.width_loop): "scan" over a traced width, or
+# "unrolled" in Python (one traced forward/backward per width).
+WIDTH_LOOPS = ("scan", "unrolled")
+
+
 def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mapping[str, jax.Array],
                    *, scan: bool = True, head: Callable | None = None, chunk: int = 1024,
                    grad_shardings=None, unroll: bool = False):

@@ -71,6 +71,7 @@ class Setup:
   loss_chunk_size: int = 0        # sequence tokens per loss chunk; 0 = full logits
   unroll_scans: bool = False      # unroll every scan in HLO (only for XLA's cost analysis)
   attention_kernel: str = "xla"   # xla | splash (resolved from config.attention_kernel)
+  width_loop: str = "scan"        # scan | unrolled (objectives.WIDTH_LOOPS)
 
 
 def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
@@ -106,7 +107,8 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
                seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
                train_scope=config.train_scope, scan_layers=bool(config.scan_layers),
                remat=config.remat, loss_chunk_size=int(config.loss_chunk_size),
-               attention_kernel=_attention_kernel(config, model, mesh))
+               attention_kernel=_attention_kernel(config, model, mesh),
+               width_loop=config.width_loop)
 
 
 def _attention_kernel(config, model, mesh) -> str:
@@ -197,6 +199,9 @@ def _check_run(config, model) -> None:
   if config.loss_chunk_size < 0:
     raise ConfigError(f"config.loss_chunk_size={config.loss_chunk_size} must be >= 0 "
                       f"(0 = whole-sequence logits).")
+  if config.width_loop not in objectives_lib.WIDTH_LOOPS:
+    raise ConfigError(f"config.width_loop={config.width_loop!r}; choose one of "
+                      f"{objectives_lib.WIDTH_LOOPS} (how a step runs the objective's widths).")
 
 
 def _check_optimizer(o: ml_collections.ConfigDict) -> None:
@@ -316,7 +321,8 @@ def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
   def step(state: TrainState, batch):
     loss, grads, metrics = objectives_lib.loss_and_grads(
         setup.objective, apply_fn, state.params, batch, head=head,
-        chunk=setup.loss_chunk_size, grad_shardings=p_shard, unroll=setup.unroll_scans)
+        chunk=setup.loss_chunk_size, grad_shardings=p_shard, unroll=setup.unroll_scans,
+        scan=setup.width_loop == "scan")
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -57,6 +57,7 @@ def _devices(n=1):
     ({"num_steps": 0}, "max_tokens"),
     ({"init": "required"}, "config.init must be set"),
     ({"train_scope": "norms"}, "train_scope"),
+    ({"width_loop": "vmap"}, "width_loop='vmap'; choose one of"),
 ])
 def test_bad_configs_fail_before_compilation(overrides, match):
   c = tiny_config(**overrides)
@@ -255,3 +256,30 @@ def test_sharded_step_equals_single_device(tmp_path):
     close = np.isclose(x, y, rtol=2e-4, atol=2e-5)
     assert close.mean() >= 0.999, f"{(~close).sum()} of {close.size} elements differ"
     np.testing.assert_allclose(x, y, atol=bound)
+
+
+def test_width_loops_train_the_same_step():
+  """config.width_loop changes how the widths are traced, not what a step computes."""
+  rng = np.random.default_rng(1)
+  batch = {"inputs": rng.integers(0, 512, (8, 32)).astype(np.int32),
+           "targets": rng.integers(0, 512, (8, 32)).astype(np.int32),
+           "segment_ids": np.ones((8, 32), np.int32),
+           "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1)),
+           "loss_mask": np.ones((8, 32), np.float32)}
+  results = {}
+  for loop in ("scan", "unrolled"):
+    c = tiny_config(**{"width_loop": loop, "mesh.fsdp": 1})
+    setup = trainer.resolve(c, devices=jax.devices()[:1])
+    assert setup.width_loop == loop and len(setup.objective.bits) == 3
+    tx, schedule = trainer.make_optimizer(c, setup)
+    jitted, _, shardings, _ = trainer.compile_step(setup, tx, schedule)
+    params = trainer.initial_params(c, setup, shardings.params, jax.random.key(0))
+    state = trainer.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                               params=params, opt_state=jax.jit(tx.init)(params))
+    state, m = jitted(state, batch)
+    results[loop] = (jax.device_get(state.params), jax.device_get(m))
+  (p_scan, m_scan), (p_unr, m_unr) = results["scan"], results["unrolled"]
+  for k in ("loss", "ce_int8", "ce_int4", "ce_int2", "grad_norm"):
+    assert float(m_scan[k]) == pytest.approx(float(m_unr[k]), rel=1e-6), k
+  for x, y in zip(jax.tree_util.tree_leaves(p_scan), jax.tree_util.tree_leaves(p_unr)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
