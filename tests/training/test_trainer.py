@@ -258,28 +258,26 @@ def test_sharded_step_equals_single_device(tmp_path):
     np.testing.assert_allclose(x, y, atol=bound)
 
 
-def test_width_loops_train_the_same_step():
-  """config.width_loop changes how the widths are traced, not what a step computes."""
-  rng = np.random.default_rng(1)
-  batch = {"inputs": rng.integers(0, 512, (8, 32)).astype(np.int32),
-           "targets": rng.integers(0, 512, (8, 32)).astype(np.int32),
-           "segment_ids": np.ones((8, 32), np.int32),
-           "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1)),
-           "loss_mask": np.ones((8, 32), np.float32)}
-  results = {}
+def test_width_loop_reaches_the_objective(monkeypatch):
+  """config.width_loop picks loss_and_grads' width loop (test_objectives checks that both loops
+  give the same loss and gradients); tracing the step is enough to see which one runs."""
+  from matquant_jax.training import objectives
+  seen = []
+  real = objectives.loss_and_grads
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs["scan"])
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(objectives, "loss_and_grads", spy)
   for loop in ("scan", "unrolled"):
     c = tiny_config(**{"width_loop": loop, "mesh.fsdp": 1})
     setup = trainer.resolve(c, devices=jax.devices()[:1])
     assert setup.width_loop == loop and len(setup.objective.bits) == 3
     tx, schedule = trainer.make_optimizer(c, setup)
-    jitted, _, shardings, _ = trainer.compile_step(setup, tx, schedule)
-    params = trainer.initial_params(c, setup, shardings.params, jax.random.key(0))
-    state = trainer.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-                               params=params, opt_state=jax.jit(tx.init)(params))
-    state, m = jitted(state, batch)
-    results[loop] = (jax.device_get(state.params), jax.device_get(m))
-  (p_scan, m_scan), (p_unr, m_unr) = results["scan"], results["unrolled"]
-  for k in ("loss", "ce_int8", "ce_int4", "ce_int2", "grad_norm"):
-    assert float(m_scan[k]) == pytest.approx(float(m_unr[k]), rel=1e-6), k
-  for x, y in zip(jax.tree_util.tree_leaves(p_scan), jax.tree_util.tree_leaves(p_unr)):
-    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    params = jax.eval_shape(lambda: trainer.initial_params(c, setup, None, jax.random.key(0)))
+    state = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                               opt_state=jax.eval_shape(tx.init, params))
+    jax.eval_shape(trainer.build_train_step(setup, tx, schedule), state,
+                   trainer.abstract_batch(setup))
+  assert seen == [True, False]
