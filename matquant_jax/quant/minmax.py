@@ -145,12 +145,17 @@ def round_codes(w: jax.Array, alpha: jax.Array, zero: jax.Array) -> jax.Array:
   return q + jnp.where(_at_or_above(ws, alphas, zero, q + 0.5), 1.0, 0.0)
 
 
+@jax.jit
+def _all_finite(w) -> jax.Array:
+  return jnp.all(jnp.isfinite(w))
+
+
 def check_finite(w, name: str, reduce_axes: int | Sequence[int] | None = None) -> None:
   """Refuses a concrete array with NaN or ±inf, naming the tensor and the first bad entry's
   output channel (the non-reduced indices); traced arrays cannot be inspected and pass."""
   if isinstance(w, jax.core.Tracer):
     return
-  if bool(jnp.all(jnp.isfinite(jnp.asarray(w)))):
+  if bool(_all_finite(jnp.asarray(w))):
     return
   import numpy as np  # pylint: disable=g-import-not-at-top
   arr = np.asarray(jax.device_get(w), np.float32)

@@ -13,6 +13,7 @@ jit, vmap and sharding like its arrays do.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -23,6 +24,15 @@ from flax import struct
 from matquant_jax.quant import minmax
 from matquant_jax.quant import slicing
 from matquant_jax.quant import validation
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "axes", "round_zero"))
+def _minmax_codes(w, gamma, beta, *, bits: int, axes: tuple[int, ...], round_zero: bool):
+  """(codes, α, z) of MinMax(bits) as one compiled program per shape: run eagerly, each of its
+  ~40 operations compiles on its own for every new kernel shape (most of an export's time on
+  CPU)."""
+  alpha, zero = minmax.minmax_params(w, bits, axes, gamma=gamma, beta=beta, round_zero=round_zero)
+  return minmax.quantize(w, alpha, zero, bits), alpha, zero
 
 
 @struct.dataclass
@@ -44,9 +54,8 @@ class QTensor:
     bits = validation.check_bits(bits)
     axes = validation.normalize_axes(reduce_axes, jnp.ndim(w))
     minmax.check_finite(w, "QTensor.quantize weights", axes)
-    alpha, zero = minmax.minmax_params(w, bits, axes, gamma=gamma, beta=beta,
+    codes, alpha, zero = _minmax_codes(w, gamma, beta, bits=bits, axes=axes,
                                        round_zero=round_zero)
-    codes = minmax.quantize(w, alpha, zero, bits)
     return cls(codes=codes, scale=alpha, zero=zero, reduce_axes=axes, parent_bits=bits,
                bits=bits, extra_precision=False)
 
