@@ -192,6 +192,10 @@ FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 def _digest(x) -> str:
   """blake2b-128 over an array's dtype, shape and bytes (C order), streamed from host memory."""
   arr = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+  return _host_digest(arr)
+
+
+def _host_digest(arr: np.ndarray) -> str:
   h = hashlib.blake2b(digest_size=16)
   h.update(f"{arr.dtype.name}{list(arr.shape)}".encode())
   h.update(memoryview(arr.reshape(-1).view(np.uint8)))
@@ -472,23 +476,31 @@ def _verify_arrays(path: pathlib.Path, meta: Mapping[str, Any], restored) -> Non
                           f"that do not match the stored arrays.")
   c_max = 2 ** int(meta["parent_bits"]) - 1
   for name, x in sorted(flat.items()):
-    addressable = getattr(x, "is_fully_addressable", True)
-    if sums is not None and addressable and _digest(x) != sums[name]:
-      raise CheckpointError(f"{path}: array {name!r} does not match its checksum: the file "
-                            f"is corrupted (a changed or truncated byte). Re-export or "
-                            f"re-copy the checkpoint.")
+    # An array this process holds whole is checked on the host copy its checksum reads (numpy:
+    # no XLA program per array shape); a pod's sharded array, on the devices.
+    if getattr(x, "is_fully_addressable", True):
+      x = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+      if sums is not None and _host_digest(x) != sums[name]:
+        raise CheckpointError(f"{path}: array {name!r} does not match its checksum: the file "
+                              f"is corrupted (a changed or truncated byte). Re-export or "
+                              f"re-copy the checkpoint.")
+      xp = np
+      if x.dtype.kind not in "iub":
+        x = x.astype(np.float32)
+    else:
+      xp = jnp
     leaf = name.rsplit("/", 1)[-1]
     if name.startswith("quantized/") and leaf == "codes":
-      top = int(jnp.max(x))
+      top = int(xp.max(x))
       if top > c_max:
         raise CheckpointError(f"{path}: array {name!r} holds code {top}, above the "
                               f"{meta['parent_bits']}-bit range [0, {c_max}] the metadata "
                               f"declares (parent_bits={meta['parent_bits']}).")
     elif name.startswith("quantized/") and leaf == "scale":
-      if not bool(jnp.all(jnp.isfinite(x) & (x > 0))):
+      if not bool(xp.all(xp.isfinite(x) & (x > 0))):
         raise CheckpointError(f"{path}: array {name!r} has non-finite or non-positive scales "
                               f"α; the checkpoint is corrupted.")
-    elif not bool(jnp.all(jnp.isfinite(x))):
+    elif not bool(xp.all(xp.isfinite(x))):
       raise CheckpointError(f"{path}: array {name!r} has non-finite values; the checkpoint "
                             f"is corrupted.")
 
