@@ -144,7 +144,16 @@ def test_hf_tokenizer_special_ids_bos_and_chat(own_ckpt):
   assert pickle.loads(pickle.dumps(tok)).encode("God") == tok.encode("God")
 
 
-def test_sample_errors_come_before_the_model_loads(own_ckpt, tmp_path):
+def test_sample_errors_come_before_the_model_loads(own_ckpt, tmp_path, monkeypatch, capsys):
+  """Each mistake is one line and exit code 2, and the weights are never read. In this process
+  (the CLI's own flag parsing and main; a subprocess per case only re-imports jax)."""
+  from absl import flags
+  from matquant_jax import sample
+
+  def must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the mistake was reported")
+
+  monkeypatch.setattr(sample, "load_model", must_not_load)
   root, src, _, _ = own_ckpt
   cases = [
       ([f"--checkpoint={tmp_path / 'missing'}", "--prompt=x"], "no such directory"),
@@ -154,10 +163,16 @@ def test_sample_errors_come_before_the_model_loads(own_ckpt, tmp_path):
       ([f"--checkpoint=hf:{src}", "--prompt=x", f"--tokenizer={tmp_path}/t.json"],
        "does not exist"),
   ]
-  for args, needle in cases:
-    r = _cli("matquant_jax.sample", *args)
-    assert r.returncode == 2, (args, r.stderr[-2000:])
-    assert needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+  try:
+    for args, needle in cases:
+      flags.FLAGS.unparse_flags()
+      flags.FLAGS(["sample", *args])
+      code = sample.main([])
+      err = capsys.readouterr().err
+      assert code == 2, (args, err[-2000:])
+      assert needle in err and len(err.strip().splitlines()) == 1, (args, err[-2000:])
+  finally:
+    flags.FLAGS.unparse_flags()
 
 
 def test_train_evaluate_sample_export_through_the_clis(own_ckpt):
