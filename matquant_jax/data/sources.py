@@ -28,6 +28,7 @@ and 1130 train chapters.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 import gzip
 import os
 import pathlib
@@ -127,6 +128,16 @@ def kjv_path(path: PathLike | None = None) -> pathlib.Path:
 def kjv_chapters(path: PathLike | None = None) -> list[str]:
   """All 1189 KJV chapters in book order, each 'Heading\\nverse\\nverse...'."""
   file = kjv_path(path)
+  stat = file.stat()
+  # Parsing the 4 MB file takes 0.15 s, and the data pipeline, evaluation and tasks each ask for
+  # it; the cache key changes whenever the file does.
+  return list(_parse_kjv(str(file.absolute()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_kjv(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+  del mtime_ns, size  # cache key only
+  file = pathlib.Path(path)
   chapters: list[list[str]] = []
   with gzip.open(file, "rt", encoding="utf-8") as fh:
     for line in fh:
@@ -143,7 +154,7 @@ def kjv_chapters(path: PathLike | None = None) -> list[str]:
     # The bundled file is fixed; a different count means it was edited or truncated.
     raise ValueError(f"{file}: found {len(chapters)} chapters, the KJV has {_KJV_NUM_CHAPTERS}; "
                      "the file is damaged (restore it with git).")
-  return ["\n".join(c) for c in chapters]
+  return tuple("\n".join(c) for c in chapters)
 
 
 def kjv_documents(split: str = "train", path: PathLike | None = None) -> DocumentList:
