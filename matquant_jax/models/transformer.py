@@ -37,8 +37,13 @@ Dtype = Any
 Cache = dict[str, layers.LayerCache]
 
 
-def _layer_quant(plan: PrecisionPlan, layer: int, num_layers: int,
-                 kind: str) -> layers.WeightQuant | layers.KernelQuants | None:
+def _layer_quant(plan: PrecisionPlan, layer: int, num_layers: int, kind: str,
+                 traced: layers.WeightQuant | None = None
+                 ) -> layers.WeightQuant | layers.KernelQuants | None:
+  if traced is not None:
+    # One width for every kernel in scope.
+    return traced if plan.quantizes(kind) else None
+
   def quant(bits):
     return None if bits is None else layers.WeightQuant(
         bits=bits, parent_bits=plan.parent_bits, extra_precision=plan.extra_precision)
@@ -223,6 +228,20 @@ class Transformer(nn.Module):
   unroll_scan: bool = False   # unroll the layer scan in HLO (XLA's cost model counts a loop
                               # body once; training/aot.py unrolls to count every layer)
   attention_kernel: Any = None  # layers.Attention.kernel (e.g. splash on TPU), used without cache
+  # A traced slice width for every kernel the plan's scope quantizes (the training objective's
+  # scan over widths; the plan then gives only the scope, parent width and Extra Precision).
+  # Each layer fake-quantizes its own kernels inside the layer stack, so a scanned, remat'ed
+  # stack never holds every layer's quantized kernels at once.
+  traced_bits: Any = None
+
+  def _quant(self, layer: int, kind: str):
+    traced = None
+    if self.traced_bits is not None:
+      # A fresh object per call still compares equal to the others: dataclass equality
+      # compares the identical tracer by identity.
+      traced = layers.WeightQuant(bits=self.traced_bits, parent_bits=self.plan.parent_bits,
+                                  extra_precision=self.plan.extra_precision)
+    return _layer_quant(self.plan, layer, self.config.num_layers, kind, traced)
 
   def _scanned_stack(self, x, positions, segment_ids):
     cfg = self.config
@@ -234,11 +253,9 @@ class Transformer(nn.Module):
       raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
     quants = []
     for j in range(period):
-      q = (_layer_quant(self.plan, j, cfg.num_layers, "attn"),
-           _layer_quant(self.plan, j, cfg.num_layers, "ffn"))
+      q = (self._quant(j, "attn"), self._quant(j, "ffn"))
       for i in range(j, cfg.num_layers, period):
-        if (_layer_quant(self.plan, i, cfg.num_layers, "attn"),
-            _layer_quant(self.plan, i, cfg.num_layers, "ffn")) != q:
+        if (self._quant(i, "attn"), self._quant(i, "ffn")) != q:
           raise ValueError(f"plan {self.plan} quantizes layer {i} unlike layer {j}; a scanned "
                            f"stack needs one plan per group position: use scan_layers=False.")
       quants.append(q)
@@ -304,8 +321,8 @@ class Transformer(nn.Module):
       name = f"layer_{i}"
       x, layer_cache = Block(
           config=cfg, layer=i,
-          attn_quant=_layer_quant(self.plan, i, cfg.num_layers, "attn"),
-          ffn_quant=_layer_quant(self.plan, i, cfg.num_layers, "ffn"),
+          attn_quant=self._quant(i, "attn"),
+          ffn_quant=self._quant(i, "ffn"),
           dtype=self.dtype, param_dtype=self.param_dtype,
           attention_kernel=self.attention_kernel, name=name)(
               x, positions, segment_ids, None if cache is None else cache[name])

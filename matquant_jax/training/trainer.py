@@ -34,6 +34,7 @@ from matquant_jax.models import config as model_config_lib
 from matquant_jax.models import splash_attention as splash_lib
 from matquant_jax.models import transformer as transformer_lib
 from matquant_jax.quant import forward as forward_lib
+from matquant_jax.quant.plan import PrecisionPlan
 from matquant_jax.quant.plan import Scope
 from matquant_jax.quant.plan import plan_kernels
 from matquant_jax.training import aot
@@ -72,6 +73,7 @@ class Setup:
   unroll_scans: bool = False      # unroll every scan in HLO (only for XLA's cost analysis)
   attention_kernel: str = "xla"   # xla | splash (resolved from config.attention_kernel)
   width_loop: str = "scan"        # scan | unrolled (objectives.WIDTH_LOOPS)
+  fake_quant_at: str = "tree"     # layers | tree (resolved from config.fake_quant_at)
 
 
 def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
@@ -108,7 +110,23 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
                train_scope=config.train_scope, scan_layers=bool(config.scan_layers),
                remat=config.remat, loss_chunk_size=int(config.loss_chunk_size),
                attention_kernel=_attention_kernel(config, model, mesh),
-               width_loop=config.width_loop)
+               width_loop=config.width_loop,
+               fake_quant_at=_fake_quant_at(config, objective))
+
+
+FAKE_QUANT_AT = ("auto", "layers", "tree")
+
+
+def _fake_quant_at(config, objective) -> str:
+  """config.fake_quant_at resolved to "layers" or "tree" (see training/config.py)."""
+  choice = config.get("fake_quant_at", "auto")
+  if choice not in FAKE_QUANT_AT:
+    raise ConfigError(f"config.fake_quant_at={choice!r}; choose one of {FAKE_QUANT_AT} (where "
+                      f"a step fake-quantizes the kernels).")
+  if choice != "auto":
+    return choice
+  scanned = config.width_loop == "scan" and len(objective.bits) > 1
+  return "layers" if scanned else "tree"
 
 
 def _attention_kernel(config, model, mesh) -> str:
@@ -261,10 +279,13 @@ def fake_quant_params(params, objective: objectives_lib.Objective, bits):
 def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_dtype, *,
                   scan_layers: bool = False, remat: str = "none", mesh=None,
                   return_hidden: bool = False, unroll_scan: bool = False,
-                  attention_kernel: str = "xla"):
+                  attention_kernel: str = "xla", quantize_in_layers: bool = False):
   """(params, batch, bits) -> logits (or final hidden states), for objectives.loss_and_grads.
 
-  With a mesh, activations are pinned to the logical axes of sharding.DEFAULT_RULES.
+  With a mesh, activations are pinned to the logical axes of sharding.DEFAULT_RULES. With
+  `quantize_in_layers` each layer fake-quantizes its own kernels at the (traced) width inside
+  the layer stack; otherwise `fake_quant_params` quantizes the whole tree first (same numbers;
+  config.fake_quant_at says which is smaller when).
   """
   rules = None if mesh is None else sharding_lib.DEFAULT_RULES
   kernel = None
@@ -274,12 +295,22 @@ def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_
   module = transformer_lib.Transformer(
       model, dtype=compute_dtype, scan_layers=scan_layers, remat=remat, mesh=mesh,
       axis_rules=rules, unroll_scan=unroll_scan, attention_kernel=kernel)
+  # The objective's scope, parent width and Extra Precision; the width itself is traced.
+  scope_plan = None
+  if quantize_in_layers and objective.method != "bf16":
+    scope_plan = PrecisionPlan.uniform(objective.parent_bits, objective.scope,
+                                       parent_bits=objective.parent_bits,
+                                       extra_precision=objective.extra_precision)
 
   def apply_fn(params, batch, bits):
+    m = module
     if bits is not None:
-      params = fake_quant_params(params, objective, bits)
-    return module.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                        segment_ids=batch.get("segment_ids"), return_hidden=return_hidden)
+      if scope_plan is not None:
+        m = module.clone(plan=scope_plan, traced_bits=bits)
+      else:
+        params = fake_quant_params(params, objective, bits)
+    return m.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                   segment_ids=batch.get("segment_ids"), return_hidden=return_hidden)
   return apply_fn
 
 
@@ -311,7 +342,8 @@ def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
   apply_fn = make_apply_fn(setup.model, setup.objective, setup.compute_dtype,
                            scan_layers=setup.scan_layers, remat=setup.remat, mesh=setup.mesh,
                            return_hidden=chunked, unroll_scan=setup.unroll_scans,
-                           attention_kernel=setup.attention_kernel)
+                           attention_kernel=setup.attention_kernel,
+                           quantize_in_layers=setup.fake_quant_at == "layers")
   head = None
   if chunked:
     def head(params, hidden):

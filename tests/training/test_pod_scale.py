@@ -60,13 +60,16 @@ def test_optimizer_state_is_sharded_like_the_params():
 def test_scanned_chunked_step_equals_per_layer_full_logits_step(codistill):
   from matquant_jax.models import transformer
   results = []
-  for scan, remat, chunk in ((False, "none", 0), (True, "full", 8)):
+  # The reference also quantizes the whole param tree up front; the scanned step quantizes
+  # inside each layer (fake_quant_at's default for a scan over widths).
+  for scan, remat, chunk, at in ((False, "none", 0, "tree"), (True, "full", 8, "auto")):
     c = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "scan_layers": scan,
-                       "remat": remat, "loss_chunk_size": chunk})
+                       "remat": remat, "loss_chunk_size": chunk, "fake_quant_at": at})
     if codistill:
       c.objective.codistill = codistill
       c.objective.weights = (0.2, 0.2, 1.0)
     setup = trainer.resolve(c, devices=jax.devices()[:8])
+    assert setup.fake_quant_at == ("layers" if scan else "tree")
     tx, schedule = trainer.make_optimizer(c, setup)
     jitted, _, shardings, _ = trainer.compile_step(setup, tx, schedule)
     if not scan:
@@ -94,6 +97,7 @@ def test_scanned_chunked_step_equals_per_layer_full_logits_step(codistill):
     ({"remat": "some"}, "config.remat='some'"),
     ({"remat": "full", "scan_layers": False}, "needs config.scan_layers=True"),
     ({"loss_chunk_size": -1}, "loss_chunk_size"),
+    ({"fake_quant_at": "everywhere"}, "config.fake_quant_at='everywhere'"),
 ])
 def test_pod_scale_options_are_validated(overrides, match):
   from matquant_jax.training.config import ConfigError
@@ -110,3 +114,13 @@ def test_paper_step_count_is_the_data_pipelines_batch_count():
   c.aot_only = True
   setup = trainer.resolve(c, devices=jax.devices()[:1])
   assert setup.num_steps == lm.budget_num_batches(trainer.data_config(c)) == 763
+
+
+def test_fake_quant_at_auto_quantizes_in_layers_only_for_a_scan_over_widths():
+  def at(**overrides):
+    return trainer.resolve(tiny_config(**overrides), devices=jax.devices()[:8]).fake_quant_at
+  assert at() == "layers"                                   # MatQuant [8, 4, 2], scanned
+  assert at(width_loop="unrolled") == "tree"
+  assert at(**{"objective.method": "single_precision"}) == "tree"   # one width
+  assert at(fake_quant_at="tree") == "tree" and at(
+      **{"objective.method": "single_precision", "fake_quant_at": "layers"}) == "layers"
