@@ -119,7 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
   # inside the layer stack, so a scanned, remat'ed stack never holds every layer's quantized
   # kernels at once), "tree" (the whole param tree before the model runs), or "auto" (layers
   # when a step scans over several widths, else tree). Same numbers; they differ in peak memory
-  # (per chip: Gemma-2 9B MatQuant on v5e-64 8.41 GiB with the tree, 7.40 with layers; Gemma-2
+  # (per chip: Gemma-2 9B MatQuant on v5e-64 8.41 GiB with the tree, 7.47 with layers; Gemma-2
   # 2B on v5e-16: MatQuant 8.44 -> 8.33, but int2 QAT 6.73 -> 7.02, hence auto).
   c.fake_quant_at = "auto"
   # Device kind used for MFU when the backend's own name is not in the peak-FLOPs table.
