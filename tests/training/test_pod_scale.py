@@ -124,3 +124,26 @@ def test_fake_quant_at_auto_quantizes_in_layers_only_for_a_scan_over_widths():
   assert at(**{"objective.method": "single_precision"}) == "tree"   # one width
   assert at(fake_quant_at="tree") == "tree" and at(
       **{"objective.method": "single_precision", "fake_quant_at": "layers"}) == "layers"
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_quantizing_in_layers_equals_quantizing_the_tree(scan_layers):
+  """Both fake_quant_at placements give the same logits at every traced width, with attention
+  kernels in scope and Extra Precision (the pod-scale step test covers the FFN scope)."""
+  from matquant_jax.models import get_config
+  from matquant_jax.models import transformer
+  from matquant_jax.training import objectives
+  model = get_config("tiny_gemma2")
+  objective = objectives.make_objective("matquant", scope="ffn+attn", extra_precision=True)
+  tree_fn, layer_fn = (trainer.make_apply_fn(model, objective, jnp.float32,
+                                             scan_layers=scan_layers, quantize_in_layers=q)
+                       for q in (False, True))
+  params = transformer.init_params(model, jax.random.key(4, impl="rbg"))
+  if scan_layers:
+    params = transformer.stack_layers(params, model)
+  batch = {"inputs": jax.random.randint(jax.random.key(5), (2, 16), 0, model.vocab_size)}
+  both = jax.jit(lambda p: jax.lax.map(
+      lambda r: (tree_fn(p, batch, r), layer_fn(p, batch, r)), jnp.asarray([8, 4, 2])))(params)
+  np.testing.assert_array_equal(both[0], both[1])
+  # The widths differ from each other (the width really is traced through the layers).
+  assert not np.allclose(both[1][0], both[1][2])
