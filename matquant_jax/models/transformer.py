@@ -37,13 +37,8 @@ Dtype = Any
 Cache = dict[str, layers.LayerCache]
 
 
-def _layer_quant(plan: PrecisionPlan, layer: int, num_layers: int, kind: str,
-                 traced: layers.WeightQuant | None = None
-                 ) -> layers.WeightQuant | layers.KernelQuants | None:
-  if traced is not None:
-    # One width for every kernel in scope.
-    return traced if plan.quantizes(kind) else None
-
+def _layer_quant(plan: PrecisionPlan, layer: int, num_layers: int,
+                 kind: str) -> layers.WeightQuant | layers.KernelQuants | None:
   def quant(bits):
     return None if bits is None else layers.WeightQuant(
         bits=bits, parent_bits=plan.parent_bits, extra_precision=plan.extra_precision)
@@ -235,13 +230,14 @@ class Transformer(nn.Module):
   traced_bits: Any = None
 
   def _quant(self, layer: int, kind: str):
-    traced = None
-    if self.traced_bits is not None:
-      # A fresh object per call still compares equal to the others: dataclass equality
-      # compares the identical tracer by identity.
-      traced = layers.WeightQuant(bits=self.traced_bits, parent_bits=self.plan.parent_bits,
-                                  extra_precision=self.plan.extra_precision)
-    return _layer_quant(self.plan, layer, self.config.num_layers, kind, traced)
+    if self.traced_bits is None:
+      return _layer_quant(self.plan, layer, self.config.num_layers, kind)
+    if not self.plan.quantizes(kind):
+      return None
+    # One width for every kernel in scope. A fresh object per call still compares equal to the
+    # others: dataclass equality compares the identical tracer by identity.
+    return layers.WeightQuant(bits=self.traced_bits, parent_bits=self.plan.parent_bits,
+                              extra_precision=self.plan.extra_precision)
 
   def _scanned_stack(self, x, positions, segment_ids):
     cfg = self.config
