@@ -383,7 +383,7 @@ def fold_and_clipping(setup: config_lib.CalibSetup, params: Mapping[str, Any],
                       result: CalibrationResult):
   """(folded params, clipping) of a calibrated model: what the exported codes are made from."""
   folded = transform.fold_model_params(setup.model, params, result.calib)
-  return folded, transform.export_clipping(result.calib)
+  return folded, transform.export_clipping(result.calib, setup.step.calib.lwc_max)
 
 
 def export_calibrated(path: str | pathlib.Path, setup: config_lib.CalibSetup,

@@ -117,6 +117,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.calibration.weight_decay = 0.0
   c.calibration.lwc = True
   c.calibration.lwc_init_logit = 4.0
+  # Upper bound of γ, β (γ = lwc_max·σ(logit)): 1 is OmniQuant's sigmoid, which can only shrink
+  # a range; MatQuant's sliced int2 grid tops out at 192/255 of the int8 range and needs it to
+  # grow (minmax.lwc_factor). Initial factors stay σ(lwc_init_logit) either way.
+  c.calibration.lwc_max = 1.0
   c.calibration.let = "scale"      # scale | scale_shift | none (transform.py)
   c.calibration.round_zero = False
   c.calibration.input_mode = "fp"  # fp | quantized | quantized_shared (block.INPUT_MODES)
@@ -278,7 +282,7 @@ def _step_options(cal, objective) -> block_lib.StepOptions:
   try:
     calib_opts = transform.CalibOptions(
         scope=objective.scope, lwc=bool(cal.lwc), lwc_init_logit=float(cal.lwc_init_logit),
-        let=cal.let, round_zero=bool(cal.round_zero))
+        lwc_max=float(cal.lwc_max), let=cal.let, round_zero=bool(cal.round_zero))
     step = block_lib.StepOptions(
         calib=calib_opts, input_mode=cal.input_mode, compute_dtype=cal.compute_dtype,
         num_microbatches=int(cal.num_microbatches), lr=float(cal.lr), b1=float(cal.b1),

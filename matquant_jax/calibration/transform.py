@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping
 
 import jax
@@ -68,9 +69,7 @@ from matquant_jax.quant.plan import plan_kernels
 
 LET_MODES = ("scale", "scale_shift", "none")
 
-# A logit whose sigmoid is exactly 1.0 in float32: LWC "off" (plain MinMax) without a
-# separate code path or compilation.
-NO_CLIP_LOGIT = 40.0
+NO_CLIP_LOGIT = minmax.NO_CLIP_LOGIT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +79,18 @@ class CalibOptions:
   Attributes:
     scope: which kernels are quantized (and get LWC/LET): Scope.FFN (paper) or FFN_ATTN.
     lwc: learn the clipping factors γ, β (Eq. 3); False keeps plain MinMax.
-    lwc_init_logit: their initial logit (σ(4) ≈ 0.982, OmniQuant's init).
+    lwc_init_logit: σ(lwc_init_logit) is their initial value (σ(4) ≈ 0.982, OmniQuant's
+      init), whatever lwc_max.
+    lwc_max: their upper bound, γ = lwc_max·σ(logit): 1 is OmniQuant's (clipping only shrinks
+      the range); above 1 the range may also grow (minmax.lwc_factor says why a sliced grid
+      wants that).
     let: "scale" (default), "scale_shift" or "none", see the module docstring.
     round_zero: round the zero point (OmniQuant) instead of the paper's unrounded z.
   """
   scope: Scope = Scope.FFN
   lwc: bool = True
   lwc_init_logit: float = minmax.LWC_INIT_LOGIT
+  lwc_max: float = 1.0
   let: str = "scale"
   round_zero: bool = False
 
@@ -98,6 +102,10 @@ class CalibOptions:
                        f"{self.scope.value!r}.")
     if self.let not in LET_MODES:
       raise ValueError(f"let={self.let!r}; choose one of {LET_MODES}.")
+    init = 1.0 / (1.0 + math.exp(-self.lwc_init_logit))
+    if not (math.isfinite(self.lwc_max) and self.lwc_max >= 1.0 and init < self.lwc_max):
+      raise ValueError(f"lwc_max={self.lwc_max} must be >= 1 (1 = OmniQuant's bound) and above "
+                       f"the initial factor σ(lwc_init_logit) = {init:.3f}.")
     if self.let == "scale_shift" and not self.quantizes_ffn:
       raise ValueError(f"let='scale_shift' shifts the FFN input, and scope "
                        f"{self.scope.value!r} quantizes no FFN kernel; use let='scale'.")
@@ -151,12 +159,15 @@ def init_calib_params(config: TransformerConfig, options: CalibOptions) -> dict[
     dict when its option is off.
   """
   lwc: dict[str, Any] = {}
+  logit = options.lwc_init_logit
+  if options.lwc_max != 1.0:  # the same initial factor under the wider bound
+    logit = minmax.lwc_logit(1.0 / (1.0 + math.exp(-logit)), options.lwc_max)
   if options.lwc:
     for module, kernel in options.kernel_paths:
       shp = kernels_lib.BY_NAME[kernel].stat_shape(config)
       lwc.setdefault(module, {})[kernel] = {
-          "gamma": np.full(shp, options.lwc_init_logit, np.float32),
-          "beta": np.full(shp, options.lwc_init_logit, np.float32)}
+          "gamma": np.full(shp, logit, np.float32),
+          "beta": np.full(shp, logit, np.float32)}
   let = {name: np.zeros(shp, np.float32) for name, shp in let_shapes(config, options).items()}
   return {"lwc": lwc, "let": let}
 
@@ -168,13 +179,14 @@ def minmax_calib_params(config: TransformerConfig, options: CalibOptions) -> dic
   return c
 
 
-def clipping_factors(calib: Mapping[str, Any], module: str, kernel: str):
-  """(γ, β) in (0, 1] of one kernel, or (None, None) without LWC."""
+def clipping_factors(calib: Mapping[str, Any], module: str, kernel: str, lwc_max: float = 1.0):
+  """(γ, β) in (0, lwc_max) of one kernel (exactly 1 at NO_CLIP_LOGIT), or (None, None)
+  without LWC."""
   entry = calib.get("lwc", {}).get(module, {}).get(kernel)
   if entry is None:
     return None, None
-  return minmax.lwc_factor(jnp.asarray(entry["gamma"])), minmax.lwc_factor(
-      jnp.asarray(entry["beta"]))
+  return (minmax.lwc_factor(jnp.asarray(entry["gamma"]), lwc_max),
+          minmax.lwc_factor(jnp.asarray(entry["beta"]), lwc_max))
 
 
 def _fold_norm(scale: jax.Array, s: jax.Array, norm_type: NormType) -> jax.Array:
@@ -260,7 +272,7 @@ def quantized_block_params(config: TransformerConfig, block_params: Mapping[str,
   """
   p = fold_let(config, block_params, calib.get("let", {}))
   for module, kernel in options.kernel_paths:
-    gamma, beta = clipping_factors(calib, module, kernel)
+    gamma, beta = clipping_factors(calib, module, kernel, options.lwc_max)
     w = p[module][kernel]["w"]
     p[module][kernel] = {"w": fake_quant_lib.fake_quant(
         jnp.asarray(w).astype(jnp.float32), bits, parent_bits,
@@ -286,13 +298,13 @@ def fold_model_params(config: TransformerConfig, params: Mapping[str, Any],
   return out
 
 
-def export_clipping(calib_per_layer: Mapping[int, Mapping[str, Any]]
+def export_clipping(calib_per_layer: Mapping[int, Mapping[str, Any]], lwc_max: float = 1.0
                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{'layer_i/<module>/<kernel>/w': (γ, β)} for export_matquant_checkpoint(clipping=...)."""
   out = {}
   for i, calib in calib_per_layer.items():
     for module, kernels in calib.get("lwc", {}).items():
       for kernel in kernels:
-        g, b = clipping_factors(calib, module, kernel)
+        g, b = clipping_factors(calib, module, kernel, lwc_max)
         out[f"layer_{i}/{module}/{kernel}/w"] = (np.asarray(g), np.asarray(b))
   return out

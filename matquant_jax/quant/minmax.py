@@ -29,6 +29,7 @@ Non-finite weights give non-finite statistics; the eager entry points (export, r
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -183,10 +184,31 @@ def dequantize(codes: jax.Array, alpha: jax.Array, zero: jax.Array,
   return (alpha * (codes.astype(jnp.float32) - zero)).astype(dtype)
 
 
-def lwc_factor(logit: jax.Array) -> jax.Array:
-  """OmniQuant's sigmoid parametrization of a clipping factor: γ = σ(logit) ∈ (0, 1)."""
-  return jax.nn.sigmoid(logit.astype(jnp.float32))
+def lwc_factor(logit: jax.Array, bound: float = 1.0) -> jax.Array:
+  """A clipping factor from its logit: γ = bound·σ(logit) ∈ (0, bound).
+
+  bound = 1 is OmniQuant's sigmoid parametrization (clipping can only shrink the range). A
+  bound above 1 lets the range also grow, which a sliced grid needs: MatQuant's int2 slice of
+  the int8 code has its top level at 192/255 of the int8 range, so with γ ≤ 1 its levels cannot
+  reach the top of the weights (calibration.lwc_max). A logit ≥ NO_CLIP_LOGIT means exactly 1
+  (plain MinMax) whatever the bound.
+  """
+  logit = logit.astype(jnp.float32)
+  if bound == 1.0:
+    return jax.nn.sigmoid(logit)  # σ(NO_CLIP_LOGIT) is exactly 1.0 in float32
+  return jnp.where(logit >= NO_CLIP_LOGIT, 1.0, bound * jax.nn.sigmoid(logit))
+
+
+def lwc_logit(factor: float, bound: float = 1.0) -> float:
+  """The logit whose lwc_factor(·, bound) is `factor` (0 < factor < bound)."""
+  if not 0.0 < factor < bound:
+    raise ValueError(f"a clipping factor of {factor} is outside (0, {bound}).")
+  q = factor / bound
+  return float(math.log(q) - math.log1p(-q))
 
 
 # σ(4) ≈ 0.982: OmniQuant initialises its LWC logits at 4, i.e. almost no clipping at the start.
 LWC_INIT_LOGIT = 4.0
+# A logit whose factor is exactly 1.0 in float32: LWC "off" (plain MinMax) without a separate
+# code path or compilation.
+NO_CLIP_LOGIT = 40.0

@@ -157,12 +157,13 @@ def test_export_loads_and_slices_dequantize_to_calibrated_weights(uninterrupted,
 def test_shifted_calibration_exports_a_model_every_loader_runs(tiny, tmp_path):
   """let='scale_shift': δ is learned, folded into the two bias leaves the exported checkpoint
   stores (ffn_shift=True); its int2 slice is the calibrated int2 block, packed serving computes
-  what params_for computes, and bias-free formats refuse it."""
+  what params_for computes, and bias-free formats refuse it. With a clipping bound above 1
+  (calibration.lwc_max), so the export must use the same bound as the calibrated step."""
   from matquant_jax import export_hf
   from matquant_jax.checkpoints import _common
   from matquant_jax.models import transformer as transformer_lib
   from matquant_jax.serving import loader
-  setup = tiny.tiny_setup(**{"calibration.let": "scale_shift",
+  setup = tiny.tiny_setup(**{"calibration.let": "scale_shift", "calibration.lwc_max": 1.5,
                              "calibration.steps_per_block": 20})
   params = tiny.tiny_params()
   result = calibration.calibrate_blocks(setup, params, tiny.tiny_tokens())
@@ -309,6 +310,7 @@ def test_tiny_config_resolves():
     ({"mesh.data": 3}, "not divisible by the 3 data-parallel"),
     ({"calibration.host_dtype": "float16"}, "host_dtype"),
     ({"calibration.lwc_lr": -1.0}, "lwc_lr"),
+    ({"calibration.lwc_max": 0.5}, "lwc_max"),
     ({"calibration.steps_per_block": 0, "calibration.budget_tokens": 0}, "budget_tokens"),
     ({"init": "required"}, "config.init must be set"),
 ])

@@ -149,6 +149,17 @@ def test_initial_state_shapes_and_values():
   assert transform.init_calib_params(config, transform.CalibOptions(let="none"))["let"] == {}
   with pytest.raises(ValueError, match="let="):
     transform.CalibOptions(let="shift")
+  # A wider clipping bound starts from the same factors, and its MinMax state is still exactly 1.
+  wide = transform.CalibOptions(lwc_max=2.0)
+  c2 = transform.init_calib_params(config, wide)
+  g, b = transform.clipping_factors(c2, "mlp", "linear", wide.lwc_max)
+  np.testing.assert_allclose(g, 0.98201376, rtol=1e-6)
+  np.testing.assert_allclose(b, 0.98201376, rtol=1e-6)
+  g, b = transform.clipping_factors(transform.minmax_calib_params(config, wide), "mlp", "linear",
+                                    wide.lwc_max)
+  assert np.all(np.asarray(g) == 1.0) and np.all(np.asarray(b) == 1.0)
+  with pytest.raises(ValueError, match="lwc_max"):
+    transform.CalibOptions(lwc_max=0.9)
 
 
 def test_minmax_state_is_exactly_plain_minmax(tiny):

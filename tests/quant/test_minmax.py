@@ -74,6 +74,19 @@ def test_lwc_clipping_factors():
   assert float(minmax.lwc_factor(jnp.asarray(minmax.LWC_INIT_LOGIT))) == pytest.approx(0.982, abs=1e-3)
 
 
+def test_lwc_factor_under_a_wider_bound():
+  # γ = bound·σ(logit): lwc_logit inverts it, the range may grow past 1, and the "no clipping"
+  # logit is exactly 1 (plain MinMax) under any bound.
+  for bound in (1.0, 1.25, 2.0):
+    logit = minmax.lwc_logit(0.982, bound)
+    assert float(minmax.lwc_factor(jnp.float32(logit), bound)) == pytest.approx(0.982, rel=1e-6)
+    assert float(minmax.lwc_factor(jnp.float32(minmax.NO_CLIP_LOGIT), bound)) == 1.0
+    assert float(minmax.lwc_factor(jnp.float32(30.0), bound)) == pytest.approx(bound, rel=1e-6)
+  assert minmax.lwc_logit(0.982) == pytest.approx(4.0, abs=2e-3)
+  with pytest.raises(ValueError, match="outside"):
+    minmax.lwc_logit(1.1, 1.0)
+
+
 def test_round_half_up_is_not_bankers_rounding():
   x = jnp.array([0.5, 1.5, 2.5, -0.5, -1.5])
   np.testing.assert_array_equal(minmax.round_half_up(x), [1, 2, 3, 0, -1])
