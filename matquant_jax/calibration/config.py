@@ -25,6 +25,9 @@ Choices the paper leaves open (spec §11), each a field with its default:
     exported model then carries (TransformerConfig.ffn_shift; transform.py explains both
     placements); "none" = LWC only.
   * calibration.lwc_init_logit = 4.0 (σ(4) ≈ 0.982, OmniQuant); LET scales start at 1.
+  * calibration.lwc_max = 1.0: γ, β = lwc_max·σ(logit) < 1, OmniQuant's bound; above 1 the
+    clipped range may also grow, which MatQuant's int2 slice (top level at 192/255 of the
+    int8 range) uses (README: 0.035 nats at int2 for 0.017 at int8/int4 on the demo).
   * the co-distillation term is the L2 distance of block outputs to the teacher slice's block
     output with the teacher's gradient stopped, weighted equally with the ground-truth term
     and scaled by λ_r (spec §4 leaves the form open).
