@@ -102,10 +102,8 @@ class CalibOptions:
                        f"{self.scope.value!r}.")
     if self.let not in LET_MODES:
       raise ValueError(f"let={self.let!r}; choose one of {LET_MODES}.")
-    init = 1.0 / (1.0 + math.exp(-self.lwc_init_logit))
-    if not (math.isfinite(self.lwc_max) and self.lwc_max >= 1.0 and init < self.lwc_max):
-      raise ValueError(f"lwc_max={self.lwc_max} must be >= 1 (1 = OmniQuant's bound) and above "
-                       f"the initial factor σ(lwc_init_logit) = {init:.3f}.")
+    if not (math.isfinite(self.lwc_max) and self.lwc_max >= 1.0):
+      raise ValueError(f"lwc_max={self.lwc_max} must be a number >= 1 (1 = OmniQuant's bound).")
     if self.let == "scale_shift" and not self.quantizes_ffn:
       raise ValueError(f"let='scale_shift' shifts the FFN input, and scope "
                        f"{self.scope.value!r} quantizes no FFN kernel; use let='scale'.")
@@ -160,8 +158,11 @@ def init_calib_params(config: TransformerConfig, options: CalibOptions) -> dict[
   """
   lwc: dict[str, Any] = {}
   logit = options.lwc_init_logit
-  if options.lwc_max != 1.0:  # the same initial factor under the wider bound
-    logit = minmax.lwc_logit(1.0 / (1.0 + math.exp(-logit)), options.lwc_max)
+  if options.lwc_max != 1.0:
+    # The same initial factor σ(logit) under the wider bound: the logit of σ(logit)/lwc_max,
+    # in the log domain so that any finite logit works.
+    log_q = -np.logaddexp(0.0, -logit) - math.log(options.lwc_max)
+    logit = float(log_q - np.log1p(-np.exp(log_q)))
   if options.lwc:
     for module, kernel in options.kernel_paths:
       shp = kernels_lib.BY_NAME[kernel].stat_shape(config)
