@@ -98,7 +98,7 @@ def own_ckpt(tmp_path_factory):
 
 def _cli(module, *args, cwd=REPO, timeout=600):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one device, fast compiles
+  env["XLA_FLAGS"] = os.environ["MATQUANT_TEST_CPU_FLAGS"]  # one device, fast compiles
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

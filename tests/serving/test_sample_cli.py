@@ -21,7 +21,7 @@ _REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def _run(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one CPU device, fast compiles
+  env["XLA_FLAGS"] = os.environ["MATQUANT_TEST_CPU_FLAGS"]  # one CPU device, fast compiles
   return subprocess.run([sys.executable, "-m", "matquant_jax.sample", *args], cwd=_REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 

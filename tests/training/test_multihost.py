@@ -44,7 +44,7 @@ def _cmd(workdir, *extra):
 def _env(devices: int):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                       "--xla_backend_optimization_level=0")  # fast compiles, as conftest
+                       + os.environ["MATQUANT_TEST_CPU_FLAGS"])  # fast compiles (conftest)
   return env
 
 

@@ -203,7 +203,7 @@ p = ck8.params_for(PrecisionPlan.parse('ffn:pyramid@3.0'))
 print('OK', ck8.effective_bits(PrecisionPlan.parse('ffn:int2:ep')))
 """
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-             "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+             + os.environ["MATQUANT_TEST_CPU_FLAGS"], JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
