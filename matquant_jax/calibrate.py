@@ -24,12 +24,13 @@ from ml_collections import config_flags
 
 from matquant_jax import cli
 
+FLAGS = flags.FlagValues()  # this command's own flags (see train.py)
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/omniquant_*.py, configs/tiny_omniquant.py) "
-    "with --config.<field>=<value> overrides.", lock_config=True)
+    "with --config.<field>=<value> overrides.", lock_config=True, flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where per-block results, logs and the export go (default: "
-    "runs/<config name>).")
+    "runs/<config name>).", flag_values=FLAGS)
 
 
 def _multi_process_env() -> bool:
@@ -42,8 +43,9 @@ def _multi_process_env() -> bool:
       os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0)
 
 
-def main(argv) -> int:
-  del argv
+def main(argv: list[str] | None = None) -> int:
+  """The command: `argv` is the command line after the program name (default sys.argv[1:])."""
+  cli.parse_config_flags(FLAGS, argv, "calibrate")
   import jax
   from matquant_jax.calibration import pipeline
   config = _CONFIG.value
@@ -56,7 +58,7 @@ def main(argv) -> int:
                      "gcloud compute tpus tpu-vm ssh NAME --worker=0), or unset "
                      "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES.")
   workdir = _WORKDIR.value or str(pathlib.Path("runs") / pathlib.Path(
-      config_flags.get_config_filename(flags.FLAGS["config"])).stem)
+      config_flags.get_config_filename(FLAGS["config"])).stem)
   try:
     summary = pipeline.run(config, workdir)
   except cli.user_errors() as e:  # ConfigError (QAT and calibration), checkpoint errors, ...
@@ -71,4 +73,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  cli.absl_run(main)
+  cli.run_main(main)

@@ -22,25 +22,31 @@ from ml_collections import config_flags
 
 from matquant_jax import cli
 
+# This command's own flags: train and calibrate both have --config and --workdir, and tests run
+# both in one process.
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py), with --config.<field>=<value> "
-    "overrides.", lock_config=True)
+    "overrides.", lock_config=True, flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, logs and exports go (default: runs/<config name>).")
+    "workdir", None, "Where checkpoints, logs and exports go (default: runs/<config name>).",
+    flag_values=FLAGS)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize(): auto = when the environment names several processes "
-    "(TPU pod workers, SLURM, or JAX_COORDINATOR_ADDRESS).")
+    "(TPU pod workers, SLURM, or JAX_COORDINATOR_ADDRESS).", flag_values=FLAGS)
 
 
 _COORDINATOR = flags.DEFINE_string(
     "coordinator", None, "host:port of process 0, for a multi-process run outside a TPU pod "
     "or SLURM (e.g. a simulated pod on one machine: launch/local.sh with NPROC=2). Default: "
-    "$JAX_COORDINATOR_ADDRESS.")
+    "$JAX_COORDINATOR_ADDRESS.", flag_values=FLAGS)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (default: "
-                                      "$JAX_NUM_PROCESSES, or what the cluster reports).")
+                                      "$JAX_NUM_PROCESSES, or what the cluster reports).",
+                                      flag_values=FLAGS)
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (default: "
-                                   "$JAX_PROCESS_ID, or what the cluster reports).")
+                                   "$JAX_PROCESS_ID, or what the cluster reports).",
+                                   flag_values=FLAGS)
 
 
 def _multi_process_env() -> bool:
@@ -70,8 +76,9 @@ def initialize_distributed(distributed: str = "auto") -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def main(argv) -> int:
-  del argv
+def main(argv: list[str] | None = None) -> int:
+  """The command: `argv` is the command line after the program name (default sys.argv[1:])."""
+  cli.parse_config_flags(FLAGS, argv, "train")
   import jax
   initialize_distributed(_DISTRIBUTED.value)
   from matquant_jax.training import trainer
@@ -80,7 +87,7 @@ def main(argv) -> int:
     return cli.error("train", "pass --config=configs/<experiment>.py")
   workdir = _WORKDIR.value or str(pathlib.Path("runs") /
                                   pathlib.Path(config_flags.get_config_filename(
-                                      flags.FLAGS["config"])).stem)
+                                      FLAGS["config"])).stem)
   try:
     summary = trainer.train(config, workdir)
   except cli.user_errors() as e:
@@ -94,4 +101,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  cli.absl_run(main)
+  cli.run_main(main)

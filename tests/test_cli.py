@@ -42,6 +42,9 @@ def test_commands_keep_their_flags_apart():
   names.append(set(mixnmatch.FLAGS))
   assert all("out" in n for n in names)
   assert "--out" not in {f"--{n}" for n in flags.FLAGS}
+  from matquant_jax import calibrate, train
+  assert {"config", "workdir"} <= set(train.FLAGS) & set(calibrate.FLAGS)
+  assert "config" not in flags.FLAGS
 
 
 def test_error_is_one_line(capsys):

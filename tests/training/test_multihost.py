@@ -150,10 +150,12 @@ def test_sigkill_both_processes_and_resume(runs):
     np.testing.assert_array_equal(resumed[k], pod[k], err_msg=k)
 
 
-def test_calibrate_refuses_a_multi_process_environment(tmp_path):
-  env = dict(_env(4), JAX_NUM_PROCESSES="2", JAX_COORDINATOR_ADDRESS="127.0.0.1:1")
-  r = subprocess.run([sys.executable, "-m", "matquant_jax.calibrate",
-                      "--config=configs/tiny_omniquant.py", f"--workdir={tmp_path}"],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-  assert r.returncode == 2 and "calibration runs as one process" in r.stderr
-  assert "Traceback" not in r.stderr
+def test_calibrate_refuses_a_multi_process_environment(tmp_path, monkeypatch, capsys):
+  from matquant_jax import calibrate  # its own FlagValues: runs in this process
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  code = calibrate.main([f"--config={REPO / 'configs' / 'tiny_omniquant.py'}",
+                         f"--workdir={tmp_path / 'w'}"])
+  err = capsys.readouterr().err
+  assert code == 2 and "calibration runs as one process" in err
+  assert "Traceback" not in err and not (tmp_path / "w").exists()
