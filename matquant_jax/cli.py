@@ -3,7 +3,7 @@
 Every command (train, calibrate, evaluate, mixnmatch, sample, export_hf, demo) takes absl
 `--flag=value` flags, each command in its own FlagValues (`parse_flags`; train and calibrate
 through `parse_config_flags`, which adds ml_collections' `--config.<field>` overrides), so every
-`main(argv)` can run in one process; `sample` still parses absl's global FLAGS (`absl_run`).
+`main(argv)` can run in one process; `run_main` is the `python -m` entry point.
 
 A mistake (a bad flag or config field, a missing or malformed file, a corrupted checkpoint) is
 one line on stderr naming the problem and the fix, with exit code 2; anything else is a bug and
@@ -59,24 +59,6 @@ def _config_override_problem(argv: Sequence[str], error: BaseException) -> str:
   return (f"a --config override could not be applied ({type(error).__name__}: {flat}); "
           f"overrides: {' '.join(overrides) or 'none'}. Each must name an existing field and "
           f"give a value of its type, e.g. --config.num_steps=100.")
-
-
-def absl_run(main: Callable[[list[str]], int]) -> None:
-  """`absl.app.run(main)` whose flag errors (including --config.<field> overrides) are one line."""
-  from absl import app
-  from absl import flags
-
-  def parse(argv):
-    prog = argv[0].rsplit("/", 1)[-1] if argv else "matquant_jax"
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      print(f"{prog}: flag error: {' '.join(str(e).split())}", file=sys.stderr)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-      print(f"{prog}: config error: {_config_override_problem(argv, e)}", file=sys.stderr)
-    sys.exit(2)
-
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse)
 
 
 def run_main(main: Callable[[list[str]], int]) -> None:

@@ -41,35 +41,39 @@ from absl import logging
 
 from matquant_jax import cli
 
+FLAGS = flags.FlagValues()  # this command's own flags (cli.parse_flags)
+_F = dict(flag_values=FLAGS)
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "int8 MatQuant export directory, or a float checkpoint: hf:<dir>, "
-    "gemma:<dir>[:<preset>], mistral:<dir>, run:<workdir>.")
+    "gemma:<dir>[:<preset>], mistral:<dir>, run:<workdir>.", **_F)
 _PLAN = flags.DEFINE_string("plan", "ffn:int4", "Precision plan, e.g. ffn:int2, ffn:int4:ep, "
-                            "ffn+attn:int4, ffn:pyramid@3.0, bf16.")
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).")
+                            "ffn+attn:int4, ffn:pyramid@3.0, bf16.", **_F)
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).", **_F)
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn of the tokenizer's "
-                          "chat template.")
+                          "chat template.", **_F)
 _TOKENIZER = flags.DEFINE_string("tokenizer", "auto", "SentencePiece .model or HF "
-                                 "tokenizer.json; 'auto' finds it next to the checkpoint.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens generated per prompt.")
+                                 "tokenizer.json; 'auto' finds it next to the checkpoint.", **_F)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens generated per prompt.", **_F)
 _MAX_LENGTH = flags.DEFINE_integer(
     "max_length", 8192, "Most tokens (prompt + generated) per row; sizes the KV cache. 8192 is "
-    "Gemma-2's context; raise it for models trained on longer contexts.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.")
-_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+    "Gemma-2's context; raise it for models trained on longer contexts.", **_F)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.", **_F)
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.", **_F)
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass.", **_F)
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.", **_F)
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.", **_F)
 _KERNEL = flags.DEFINE_enum("kernel", "auto", ["auto", "xla_int4", "xla_u8", "xla_unpack",
                                                 "pallas_gpu", "pallas_tpu"],
-                            "Matmul path for packed kernels (auto = the guard's choice).")
+                            "Matmul path for packed kernels (auto = the guard's choice).", **_F)
 _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "planes", "u8", "int4"],
-                            "Storage format of packed kernels (matquant_jax/serving/layouts.py).")
-_WARMUP = flags.DEFINE_bool("warmup", True, "Time a second generation after a compiling one.")
+                            "Storage format of packed kernels (matquant_jax/serving/layouts.py).",
+                            **_F)
+_WARMUP = flags.DEFINE_bool("warmup", True, "Time a second generation after a compiling one.",
+                            **_F)
 _ALLOW_CLAMPED = flags.DEFINE_bool(
     "allow_clamped", False, "Serve clamped slices of a checkpoint trained with Extra Precision "
-    "(refused by default: add ':ep' to the plan instead).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+    "(refused by default: add ':ep' to the plan instead).", **_F)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.", **_F)
 
 PROG = "sample"
 _FLOAT_KINDS = ("hf", "gemma", "mistral", "run")
@@ -217,12 +221,12 @@ def _mib(n: int) -> str:
   return f"{n / 2**20:.2f} MiB"
 
 
-def main(argv) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """Samples from a checkpoint at a plan (module docstring).
 
   Long: the command's steps in order (validate, load, generate, report), each with its error.
   """
-  del argv
+  cli.parse_flags(FLAGS, argv, PROG)
   logging.set_verbosity(logging.WARNING)  # orbax logs every array it restores at INFO
   import jax
   import jax.numpy as jnp
@@ -331,4 +335,4 @@ def _print_text(texts_in, texts, summary: dict, first_s: float) -> None:
 
 
 if __name__ == "__main__":
-  cli.absl_run(main)
+  cli.run_main(main)

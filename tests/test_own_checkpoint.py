@@ -147,7 +147,6 @@ def test_hf_tokenizer_special_ids_bos_and_chat(own_ckpt):
 def test_sample_errors_come_before_the_model_loads(own_ckpt, tmp_path, monkeypatch, capsys):
   """Each mistake is one line and exit code 2, and the weights are never read. In this process
   (the CLI's own flag parsing and main; a subprocess per case only re-imports jax)."""
-  from absl import flags
   from matquant_jax import sample
 
   def must_not_load(*args, **kwargs):
@@ -163,16 +162,11 @@ def test_sample_errors_come_before_the_model_loads(own_ckpt, tmp_path, monkeypat
       ([f"--checkpoint=hf:{src}", "--prompt=x", f"--tokenizer={tmp_path}/t.json"],
        "does not exist"),
   ]
-  try:
-    for args, needle in cases:
-      flags.FLAGS.unparse_flags()
-      flags.FLAGS(["sample", *args])
-      code = sample.main([])
-      err = capsys.readouterr().err
-      assert code == 2, (args, err[-2000:])
-      assert needle in err and len(err.strip().splitlines()) == 1, (args, err[-2000:])
-  finally:
-    flags.FLAGS.unparse_flags()
+  for args, needle in cases:
+    code = sample.main(args)
+    err = capsys.readouterr().err
+    assert code == 2, (args, err[-2000:])
+    assert needle in err and len(err.strip().splitlines()) == 1, (args, err[-2000:])
 
 
 def test_train_evaluate_sample_export_through_the_clis(own_ckpt):
