@@ -51,10 +51,7 @@ def _config_override_problem(argv: Sequence[str], error: BaseException) -> str:
                   if name and a.split("=", 1)[0].split(".")[-1] == name), None)
   if isinstance(error, (AttributeError, KeyError)) and culprit:
     field = culprit.split("=", 1)[0][len("--config."):]
-    hint = (f"did you mean {suggestion.group(1)!r}?" if suggestion else
-            "check the spelling against the config file")
-    return (f"{culprit}: the config has no field {field!r}; {hint} (matquant_jax/training/"
-            f"config.py and calibration/config.py list every field).")
+    return _no_field(culprit, field, suggestion.group(1) if suggestion else None)
   flat = " ".join(text.split())
   return (f"a --config override could not be applied ({type(error).__name__}: {flat}); "
           f"overrides: {' '.join(overrides) or 'none'}. Each must name an existing field and "
@@ -108,7 +105,13 @@ def _unknown_field(argv: Sequence[str], flagname: str, flag_values) -> str:
   except (AttributeError, KeyError, flags.Error):
     fields = []
   close = difflib.get_close_matches(field, fields, n=1)
-  hint = f"did you mean {close[0]!r}?" if close else "check the spelling against the config file"
+  return _no_field(culprit, field, close[0] if close else None)
+
+
+def _no_field(culprit: str, field: str, suggestion: str | None) -> str:
+  """The one wording of "--config.<field> names no field", however the parser reported it."""
+  hint = (f"did you mean {suggestion!r}?" if suggestion else
+          "check the spelling against the config file")
   return (f"{culprit}: the config has no field {field!r}; {hint} (matquant_jax/training/"
           f"config.py and calibration/config.py list every field).")
 

@@ -157,12 +157,7 @@ def init_calib_params(config: TransformerConfig, options: CalibOptions) -> dict[
     dict when its option is off.
   """
   lwc: dict[str, Any] = {}
-  logit = options.lwc_init_logit
-  if options.lwc_max != 1.0:
-    # The same initial factor σ(logit) under the wider bound: the logit of σ(logit)/lwc_max,
-    # in the log domain so that any finite logit works.
-    log_q = -np.logaddexp(0.0, -logit) - math.log(options.lwc_max)
-    logit = float(log_q - np.log1p(-np.exp(log_q)))
+  logit = minmax.rebound_logit(options.lwc_init_logit, options.lwc_max)  # factor σ(init logit)
   if options.lwc:
     for module, kernel in options.kernel_paths:
       shp = kernels_lib.BY_NAME[kernel].stat_shape(config)

@@ -128,6 +128,7 @@ def evaluate_minmax(config, params, tokenizer, bits: Sequence[int], *, scope: st
                     log: Callable[[str], None] = print) -> list[dict[str, Any]]:
   """One "minmax" record per width: the float model under plain MinMax(r), evaluated."""
   records = []
+  nbytes = _tree_nbytes(params)  # each width's MinMax tree is this size
   for r in bits:
     t0 = time.time()
     plan = PrecisionPlan.uniform(r, scope, parent_bits=r)
@@ -136,7 +137,7 @@ def evaluate_minmax(config, params, tokenizer, bits: Sequence[int], *, scope: st
                                tokenizer, options))
     _log_record(log, "minmax", plan, rec, t0)
     records.append(rec)
-    _collect_if_large(_tree_nbytes(params))
+    _collect_if_large(nbytes)
   return records
 
 

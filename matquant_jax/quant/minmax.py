@@ -34,6 +34,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from matquant_jax.quant import validation
 
@@ -199,12 +200,15 @@ def lwc_factor(logit: jax.Array, bound: float = 1.0) -> jax.Array:
   return jnp.where(logit >= NO_CLIP_LOGIT, 1.0, bound * jax.nn.sigmoid(logit))
 
 
-def lwc_logit(factor: float, bound: float = 1.0) -> float:
-  """The logit whose lwc_factor(·, bound) is `factor` (0 < factor < bound)."""
-  if not 0.0 < factor < bound:
-    raise ValueError(f"a clipping factor of {factor} is outside (0, {bound}).")
-  q = factor / bound
-  return float(math.log(q) - math.log1p(-q))
+def rebound_logit(logit: float, bound: float) -> float:
+  """The logit whose lwc_factor(·, bound) equals σ(logit): the same clipping factor under a
+  wider bound (computed in the log domain, so any finite logit works)."""
+  if not (math.isfinite(bound) and bound >= 1.0):
+    raise ValueError(f"a clipping bound of {bound} must be a number >= 1.")
+  if bound == 1.0:
+    return float(logit)
+  log_q = -float(np.logaddexp(0.0, -logit)) - math.log(bound)  # log(σ(logit) / bound)
+  return log_q - math.log1p(-math.exp(log_q))
 
 
 # σ(4) ≈ 0.982: OmniQuant initialises its LWC logits at 4, i.e. almost no clipping at the start.

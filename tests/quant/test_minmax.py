@@ -75,16 +75,18 @@ def test_lwc_clipping_factors():
 
 
 def test_lwc_factor_under_a_wider_bound():
-  # γ = bound·σ(logit): lwc_logit inverts it, the range may grow past 1, and the "no clipping"
-  # logit is exactly 1 (plain MinMax) under any bound.
+  # γ = bound·σ(logit): rebound_logit keeps a factor under a wider bound, the range may grow
+  # past 1, and the "no clipping" logit is exactly 1 (plain MinMax) under any bound.
   for bound in (1.0, 1.25, 2.0):
-    logit = minmax.lwc_logit(0.982, bound)
-    assert float(minmax.lwc_factor(jnp.float32(logit), bound)) == pytest.approx(0.982, rel=1e-6)
+    logit = minmax.rebound_logit(minmax.LWC_INIT_LOGIT, bound)
+    assert float(minmax.lwc_factor(jnp.float32(logit), bound)) == pytest.approx(
+        1 / (1 + np.exp(-minmax.LWC_INIT_LOGIT)), rel=1e-6)
     assert float(minmax.lwc_factor(jnp.float32(minmax.NO_CLIP_LOGIT), bound)) == 1.0
     assert float(minmax.lwc_factor(jnp.float32(30.0), bound)) == pytest.approx(bound, rel=1e-6)
-  assert minmax.lwc_logit(0.982) == pytest.approx(4.0, abs=2e-3)
-  with pytest.raises(ValueError, match="outside"):
-    minmax.lwc_logit(1.1, 1.0)
+  assert minmax.rebound_logit(minmax.LWC_INIT_LOGIT, 1.0) == minmax.LWC_INIT_LOGIT
+  assert minmax.rebound_logit(-710.0, 2.0) == pytest.approx(-710.0 - np.log(2.0))
+  with pytest.raises(ValueError, match="bound"):
+    minmax.rebound_logit(4.0, 0.9)
 
 
 def test_round_half_up_is_not_bankers_rounding():
