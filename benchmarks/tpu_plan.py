@@ -2,6 +2,7 @@
 
     python benchmarks/tpu_plan.py                               # every row (slow: hours on 2 CPUs)
     python benchmarks/tpu_plan.py --models=gemma2_9b --objectives=matquant
+    python benchmarks/tpu_plan.py --models=mistral_7b --memory_only   # the search alone
 
 Needs libtpu (pip install -e '.[tpu]'); no TPU: every figure is XLA's compile-time analysis
 for the topology's devices (training/aot.py), i.e. XLA TPU cost-model estimates, not measured
@@ -65,10 +66,10 @@ def meshes(n: int, batch: int):
   return out
 
 
-def compile_one(c, log) -> dict:
+def compile_one(c, log, with_cost=True) -> dict:
   t0 = time.time()
   try:
-    rep = trainer.aot_topology_report(c)
+    rep = trainer.aot_topology_report(c, with_cost=with_cost)
   except Exception as e:  # a compile that fails for another reason: report it, go on
     rep = {"fits": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
   rep["compile_s"] = round(time.time() - t0, 1)
@@ -88,7 +89,7 @@ def _ok(rep) -> bool:
       (1 - HEADROOM) * rep["hbm_bytes_per_device"])
 
 
-def plan_row(model: str, objective: str, log) -> dict:
+def plan_row(model: str, objective: str, log, with_cost: bool = True) -> dict:
   cfg = model_config_lib.get_config(PRESET[model])
   n_params = transformer_lib.param_count(cfg)
   state_bytes = 16.0 * n_params  # f32 params + grads + Adam mu, nu
@@ -96,11 +97,13 @@ def plan_row(model: str, objective: str, log) -> dict:
     if state_bytes / n > (1 - HEADROOM) * aot.HBM_BYTES[0][1]:
       continue
     for fsdp, tensor in meshes(n, 16):
-      rep = compile_one(make_config(model, objective, topology, fsdp, tensor, "full"), log)
+      rep = compile_one(make_config(model, objective, topology, fsdp, tensor, "full"), log,
+                        with_cost)
       if not _ok(rep):
         continue
       best = rep
-      dots = compile_one(make_config(model, objective, topology, fsdp, tensor, "dots"), log)
+      dots = compile_one(make_config(model, objective, topology, fsdp, tensor, "dots"), log,
+                         with_cost)
       if _ok(dots) and (dots.get("cost_model_step_seconds") or 1e9) < (
           rep.get("cost_model_step_seconds") or 1e9):
         best = dots
@@ -121,6 +124,9 @@ def main() -> int:
   p.add_argument("--models", default="gemma2_2b,gemma2_9b,gemma2_27b,mistral_7b")
   p.add_argument("--objectives", default="bf16,int2_baseline,matquant")
   p.add_argument("--log", default="", help="also append every try to this file")
+  p.add_argument("--memory_only", action="store_true",
+                 help="search on memory alone: skip the unrolled cost compiles (the cost "
+                      "fields then count loop bodies once; cost_from says 'scanned')")
   args = p.parse_args()
 
   def log(line):
@@ -132,7 +138,7 @@ def main() -> int:
   rows = []
   for model in args.models.split(","):
     for objective in args.objectives.split(","):
-      row = plan_row(model, objective, log)
+      row = plan_row(model, objective, log, with_cost=not args.memory_only)
       rows.append(row)
       print(json.dumps(row), flush=True)
   summary = {}

@@ -239,14 +239,13 @@ class Transformer(nn.Module):
     return layers.WeightQuant(bits=self.traced_bits, parent_bits=self.plan.parent_bits,
                               extra_precision=self.plan.extra_precision)
 
-  def _scanned_stack(self, x, positions, segment_ids):
+  def _group_quants(self) -> tuple:
+    """((attn_quant, ffn_quant), ...) per position in a layer group; the same for every group."""
     cfg = self.config
     period = layer_period(cfg)
     if cfg.num_layers % period:
       raise ValueError(f"{cfg.name}: {cfg.num_layers} layers do not split into groups of "
                        f"{period}; use scan_layers=False.")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
     quants = []
     for j in range(period):
       q = (self._quant(j, "attn"), self._quant(j, "ffn"))
@@ -255,23 +254,50 @@ class Transformer(nn.Module):
           raise ValueError(f"plan {self.plan} quantizes layer {i} unlike layer {j}; a scanned "
                            f"stack needs one plan per group position: use scan_layers=False.")
       quants.append(q)
+    return tuple(quants)
+
+  def _scanned_stack(self, x, positions, segment_ids):
+    cfg = self.config
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    quants = self._group_quants()
     group = _LayerGroup
     if self.remat != "none":
       group = nn.remat(group, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    groups = cfg.num_layers // layer_period(cfg)
     scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers // period,
-                      unroll=cfg.num_layers // period if self.unroll_scan else 1,
+                      in_axes=(nn.broadcast, nn.broadcast), length=groups,
+                      unroll=groups if self.unroll_scan else 1,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = scanned(config=cfg, quants=tuple(quants), dtype=self.dtype,
+    x, _ = scanned(config=cfg, quants=quants, dtype=self.dtype,
                    param_dtype=self.param_dtype, mesh=self.mesh, axis_rules=self.axis_rules,
                    attention_kernel=self.attention_kernel, name="layers")(
                        x, positions, segment_ids)
     return x
 
+  def _accumulating_stack(self, x, positions, segment_ids, grad_acc):
+    """The scanned stack run by `accumulating_scan`: the same output, with remat "full"; its
+    backward pass adds the stacked params' gradient into `grad_acc` (returned beside x)."""
+    if self.remat != "full":
+      raise ValueError(f"grad_acc needs remat='full' (the stack's backward pass recomputes "
+                       f"each layer group), not {self.remat!r}.")
+    cfg = self.config
+    group = _LayerGroup(config=cfg, quants=self._group_quants(), dtype=self.dtype,
+                        param_dtype=self.param_dtype, mesh=self.mesh, axis_rules=self.axis_rules,
+                        attention_kernel=self.attention_kernel, parent=None)
+    groups = cfg.num_layers // layer_period(cfg)
+
+    def group_fn(p, h, pos, seg):
+      return group.apply({"params": p}, h, pos, seg)[0]
+
+    return accumulating_scan(group_fn, groups if self.unroll_scan else 1,
+                             self.variables["params"]["layers"], x, grad_acc,
+                             (positions, segment_ids))
+
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: Cache | None = None,
-               return_hidden: bool = False) -> jax.Array | tuple[jax.Array, Cache]:
+               return_hidden: bool = False, grad_acc: Any = None) -> Any:
     """Logits for every input token.
 
     Args:
@@ -286,10 +312,13 @@ class Transformer(nn.Module):
         a prompt in one call (prefill), then one token per call.
       return_hidden: return the final-normed hidden states [batch, seq, D] instead of the
         logits (`head_logits` turns them into logits, e.g. a chunk at a time).
+      grad_acc: with scan_layers and remat "full", a tree like params["layers"] (f32): the stack
+        then runs as `accumulating_scan`, whose backward pass adds the layers' gradient into
+        it in place (see there); differentiate w.r.t. grad_acc, not the params.
 
     Returns:
       logits [batch, seq, vocab_size] in the compute dtype (final soft-cap applied), and the
-      updated cache when one was given.
+      updated cache when one was given, or grad_acc (passed through) when one was given.
     """
     cfg = self.config
     if segment_ids is None:
@@ -302,6 +331,8 @@ class Transformer(nn.Module):
     if cache is not None and self.scan_layers:
       raise ValueError("Transformer(scan_layers=True) has no KV cache; decode with the "
                        "per-layer layout (unstack_layers(params, config), scan_layers=False).")
+    if grad_acc is not None and (not self.scan_layers or self.is_initializing()):
+      raise ValueError("Transformer: grad_acc needs scan_layers=True and initialized params.")
     if cache is not None:
       missing = [f"layer_{i}" for i in range(cfg.num_layers) if f"layer_{i}" not in cache]
       if missing:
@@ -324,13 +355,17 @@ class Transformer(nn.Module):
               x, positions, segment_ids, None if cache is None else cache[name])
       if cache is not None:
         new_cache[name] = layer_cache
-    if self.scan_layers:
+    if grad_acc is not None:
+      x, grad_acc = self._accumulating_stack(x, positions, segment_ids, grad_acc)
+    elif self.scan_layers:
       x = self._scanned_stack(x, positions, segment_ids)
     x = layers.RMSNorm(norm_type=cfg.norm_type, eps=cfg.norm_eps, param_dtype=self.param_dtype,
                        name="final_norm")(x)
     if return_hidden:
       if self.is_initializing() and not cfg.tie_embeddings:
         self._lm_head(x)  # create lm_head's params at init
+      if grad_acc is not None:
+        return x, grad_acc
       return x if cache is None else (x, new_cache)
 
     if cfg.tie_embeddings:
@@ -340,6 +375,8 @@ class Transformer(nn.Module):
     if cfg.final_logit_softcap is not None:
       cap = cfg.final_logit_softcap
       logits = jnp.tanh(logits / cap) * cap
+    if grad_acc is not None:
+      return logits, grad_acc
     if cache is None:
       return logits
     return logits, new_cache
@@ -351,6 +388,58 @@ class Transformer(nn.Module):
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.variance_scaling(1.0, "fan_in", "normal"), ("embed", "vocab")),
         name="lm_head")(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def accumulating_scan(group_fn, unroll: int, stacked, x: jax.Array, acc, extras: tuple):
+  """x_G = group_fn(stacked[G-1], ... group_fn(stacked[0], x, *extras) ..., *extras), a scan
+  over the stacked params' leading axis whose backward pass adds each group's parameter
+  gradient into `acc` (a tree like `stacked`) in place; returns (x_G, acc).
+
+  Why: a multi-width training step sums every width's gradient. Differentiating the model and
+  then adding holds the running sum and a fresh full-size gradient at once; here the caller
+  differentiates w.r.t. `acc`, seeding its cotangent with the running sum, and each group's
+  gradient is added into its slice as soon as it exists. The params' own cotangent is never
+  formed (differentiate w.r.t. acc and whatever feeds x, not w.r.t. `stacked`).
+
+  Memory and compute are those of remat "full": the forward pass keeps each group's input; the
+  backward pass recomputes one group at a time (jax.vjp). `extras` (positions, segment ids)
+  get no gradient. `unroll` as in lax.scan.
+  """
+  return _run_groups(group_fn, unroll, stacked, x, extras)[0], acc
+
+
+def _run_groups(group_fn, unroll, stacked, x, extras):
+  def body(h, p):
+    return group_fn(p, h, *extras), h
+  return jax.lax.scan(body, x, stacked, unroll=unroll)
+
+
+def _accumulating_scan_fwd(group_fn, unroll, stacked, x, acc, extras):
+  out, inputs = _run_groups(group_fn, unroll, stacked, x, extras)
+  return (out, acc), (stacked, inputs, extras)
+
+
+def _accumulating_scan_bwd(group_fn, unroll, residuals, cotangents):
+  stacked, inputs, extras = residuals
+  ct_out, acc = cotangents
+
+  def body(carry, g):
+    ct_h, acc = carry
+    p = jax.tree_util.tree_map(lambda a: a[g], stacked)
+    _, vjp = jax.vjp(lambda p, h: group_fn(p, h, *extras), p, inputs[g])
+    ct_p, ct_h = vjp(ct_h)
+    acc = jax.tree_util.tree_map(
+        lambda a, c: jax.lax.dynamic_update_index_in_dim(a, a[g] + c.astype(a.dtype), g, 0),
+        acc, ct_p)
+    return (ct_h, acc), None
+
+  (ct_x, acc), _ = jax.lax.scan(body, (ct_out.astype(inputs.dtype), acc),
+                                jnp.arange(inputs.shape[0]), reverse=True, unroll=unroll)
+  return None, ct_x, acc, None
+
+
+accumulating_scan.defvjp(_accumulating_scan_fwd, _accumulating_scan_bwd)
 
 
 def head_logits(config: TransformerConfig, params: dict[str, Any], hidden: jax.Array,

@@ -123,6 +123,13 @@ def default_config() -> ml_collections.ConfigDict:
   # (per chip: Gemma-2 9B MatQuant on v5e-64 8.41 GiB with the tree, 7.47 with layers; Gemma-2
   # 2B on v5e-16: MatQuant 8.44 -> 8.33, but int2 QAT 6.73 -> 7.02, hence auto).
   c.fake_quant_at = "auto"
+  # How a step sums its widths' gradients: "in_place" (the backward pass of the scanned layer
+  # stack adds each layer group's gradient into the running f32 sum as soon as it exists:
+  # transformer.accumulating_scan), "add" (each width's whole gradient, then a sum: two f32
+  # gradient-sized buffers), or "auto" (in_place wherever it applies: a scan over several
+  # widths with scan_layers, remat "full", fake_quant_at layers and the teacher's gradient
+  # stopped; else add). Same numbers up to the order of float additions.
+  c.accumulate_grads = "auto"
   # Device kind used for MFU when the backend's own name is not in the peak-FLOPs table.
   c.peak_flops_per_device = config_dict.placeholder(float)
   return c

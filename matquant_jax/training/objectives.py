@@ -336,7 +336,7 @@ WIDTH_LOOPS = ("scan", "unrolled")
 
 def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mapping[str, jax.Array],
                    *, scan: bool = True, head: Callable | None = None, chunk: int = 1024,
-                   grad_shardings=None, unroll: bool = False):
+                   grad_shardings=None, unroll: bool = False, in_place: bool = False):
   """Total loss, its gradient and per-bit-width metrics for one batch.
 
   `apply_fn(params, batch, bits)` returns logits [B, T, V] of the model with the objective's
@@ -366,6 +366,12 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
       accumulator of the scan over widths, so they stay sharded like the params.
     unroll: unroll the scan over widths in HLO; same numbers, for cost analysis (the loss
       chunk loop stays a loop: unrolled, every chunk's logits would be live at once).
+    in_place: with the scan over widths, add each width's gradient into the running sum as the
+      backward pass produces it, instead of computing a whole gradient and adding it: one f32
+      gradient-sized buffer instead of two. Needs params in the scanned layout and an
+      `apply_fn(params, batch, bits, grad_acc=...)` that runs the stack as
+      transformer.accumulating_scan (trainer.make_apply_fn). Same numbers up to the order of
+      float additions.
 
   Returns:
     (loss, grads, metrics): metrics has 'loss', 'ce_int{r}' for every width (the plain
@@ -383,13 +389,22 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
       return losses(p, apply_fn(p, batch, None), targets, mask)[0]
     loss, grads = jax.value_and_grad(bf16_loss)(params)
     return loss, constrain(grads), {"loss": loss, "ce_bf16": loss}
-  if scan and len(objective.bits) > 1 and len(objective.teachers) <= 1:
+  scanned = scan and len(objective.bits) > 1 and len(objective.teachers) <= 1
+  if in_place and not scanned:
+    raise ValueError("in-place gradient accumulation runs inside the scan over widths: it "
+                     "needs scan=True, several widths and at most one teacher.")
+  if scanned:
     loss, grads, metrics = _scanned(objective, apply_fn, params, batch, mask, targets, losses,
-                                    constrain, unroll)
+                                    constrain, unroll, in_place)
   else:
     loss, grads, metrics = _unrolled(objective, apply_fn, params, batch, mask, targets, losses,
                                      constrain)
   return loss, constrain(grads), metrics
+
+
+def teacher_needs_grad(objective: Objective) -> bool:
+  """Whether the distillation gradient also flows into the teacher's pass."""
+  return bool(objective.teachers) and not objective.stop_teacher_grad
 
 
 def _constrainer(shardings):
@@ -448,9 +463,55 @@ def _add_teacher_grads(objective, apply_fn, params, batch, grads, cotangents, te
   return grads
 
 
+@jax.custom_vjp
+def _sink(p, acc):
+  """(p, acc) unchanged; the backward pass adds p's cotangent into acc's (and none to p)."""
+  return p, acc
+
+
+def _sink_fwd(p, acc):
+  return (p, acc), None
+
+
+def _sink_bwd(_, cotangents):
+  ct_p, ct_acc = cotangents
+  return None, jax.tree_util.tree_map(lambda a, c: a + c.astype(a.dtype), ct_acc, ct_p)
+
+
+_sink.defvjp(_sink_fwd, _sink_bwd)
+
+
+def _accumulate_grad(loss_fn, apply_fn, params, batch, bits, acc):
+  """(loss, aux), acc + d loss / d params, adding into acc while the backward pass runs.
+
+  loss_fn(p, out) -> (loss, aux) on the model output `out = apply_fn(p, batch, bits)`. The
+  layer stack adds its gradient into acc["layers"] group by group (accumulating_scan); the
+  other params (embedder, norms, head) pass through `_sink`, which adds theirs. Nothing is
+  differentiated w.r.t. params themselves: acc is, with the running sum as its cotangent.
+  """
+  if "layers" not in params:
+    raise ValueError("in-place gradient accumulation needs params in the scanned layout "
+                     "(scan_layers=True).")
+
+  def forward(acc):
+    top, acc_top = _sink({k: v for k, v in params.items() if k != "layers"},
+                         {k: v for k, v in acc.items() if k != "layers"})
+    p = dict(top, layers=params["layers"])
+    out, acc_layers = apply_fn(p, batch, bits, grad_acc=acc["layers"])
+    loss, aux = loss_fn(p, out)
+    return (loss, dict(acc_top, layers=acc_layers)), aux
+
+  (loss, _), vjp, aux = jax.vjp(forward, acc, has_aux=True)
+  (acc,) = vjp((jnp.ones_like(loss), acc))
+  return (loss, aux), acc
+
+
 def _scanned(objective, apply_fn, params, batch, mask, targets, losses=_Losses(),
-             constrain=lambda t: t, unroll=False):
+             constrain=lambda t: t, unroll=False, in_place=False):
   bits = objective.bits
+  if in_place and teacher_needs_grad(objective):
+    raise ValueError("in-place gradient accumulation needs stop_teacher_grad=True (the "
+                     "teacher's share of the distillation gradient is a second VJP).")
   teacher = objective.teachers[0] if objective.teachers else None
   students = {s for _, s in objective.distill}
   xs = {
@@ -470,8 +531,7 @@ def _scanned(objective, apply_fn, params, batch, mask, targets, losses=_Losses()
   def body(carry, x):
     grads, total, t_logits, t_cot = carry
 
-    def loss_fn(p, tl):
-      logits = apply_fn(p, batch, x["bits"])
+    def loss_on(p, logits, tl):
       if tl is None:
         ce, d = losses(p, logits, targets, mask)
       else:
@@ -482,9 +542,16 @@ def _scanned(objective, apply_fn, params, batch, mask, targets, losses=_Losses()
         loss = loss + x["dist"] * d
       return x["lam"] * loss, (ce, d, logits)
 
-    (loss, (ce, d, logits)), (g_p, g_t) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(params, t_logits)
-    grads = constrain(jax.tree_util.tree_map(jnp.add, grads, g_p))
+    if in_place:
+      (loss, (ce, d, logits)), grads = _accumulate_grad(
+          lambda p, out: loss_on(p, out, t_logits), apply_fn, params, batch, x["bits"], grads)
+      g_t = None
+      grads = constrain(grads)
+    else:
+      (loss, (ce, d, logits)), (g_p, g_t) = jax.value_and_grad(
+          lambda p, tl: loss_on(p, apply_fn(p, batch, x["bits"]), tl), argnums=(0, 1),
+          has_aux=True)(params, t_logits)
+      grads = constrain(jax.tree_util.tree_map(jnp.add, grads, g_p))
     if t_logits is not None:
       if not objective.stop_teacher_grad:
         t_cot = t_cot + g_t

@@ -74,6 +74,7 @@ class Setup:
   attention_kernel: str = "xla"   # xla | splash (resolved from config.attention_kernel)
   width_loop: str = "scan"        # scan | unrolled (objectives.WIDTH_LOOPS)
   fake_quant_at: str = "tree"     # layers | tree (resolved from config.fake_quant_at)
+  accumulate_grads: str = "add"   # in_place | add (resolved from config.accumulate_grads)
 
 
 def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
@@ -104,14 +105,15 @@ def resolve(config: ml_collections.ConfigDict, *, devices=None) -> Setup:
   num_steps = _num_steps(config)
   _check_run(config, model)
   d = config.data
+  at = _fake_quant_at(config, objective)
   return Setup(model=model, objective=objective, mesh=mesh,
                compute_dtype=COMPUTE_DTYPES[config.compute_dtype], num_steps=num_steps,
                seq_len=int(d.seq_len), global_batch_size=int(d.global_batch_size),
                train_scope=config.train_scope, scan_layers=bool(config.scan_layers),
                remat=config.remat, loss_chunk_size=int(config.loss_chunk_size),
                attention_kernel=_attention_kernel(config, model, mesh),
-               width_loop=config.width_loop,
-               fake_quant_at=_fake_quant_at(config, objective))
+               width_loop=config.width_loop, fake_quant_at=at,
+               accumulate_grads=_accumulate_grads(config, objective, at))
 
 
 FAKE_QUANT_AT = ("auto", "layers", "tree")
@@ -127,6 +129,33 @@ def _fake_quant_at(config, objective) -> str:
     return choice
   scanned = config.width_loop == "scan" and len(objective.bits) > 1
   return "layers" if scanned else "tree"
+
+
+ACCUMULATE_GRADS = ("auto", "in_place", "add")
+
+
+def _accumulate_grads(config, objective, fake_quant_at: str) -> str:
+  """config.accumulate_grads resolved to "in_place" or "add" (see training/config.py)."""
+  choice = config.get("accumulate_grads", "auto")
+  if choice not in ACCUMULATE_GRADS:
+    raise ConfigError(f"config.accumulate_grads={choice!r}; choose one of {ACCUMULATE_GRADS} "
+                      f"(how a step sums its widths' gradients).")
+  needs = {
+      "config.width_loop='scan'": config.width_loop == "scan",
+      "several widths in objective.bits": len(objective.bits) > 1,
+      "at most one teacher": len(objective.teachers) <= 1,
+      "objective.stop_teacher_grad=True": not objectives_lib.teacher_needs_grad(objective),
+      "config.scan_layers=True": bool(config.scan_layers),
+      "config.remat='full'": config.remat == "full",
+      "config.fake_quant_at='layers'": fake_quant_at == "layers",
+  }
+  missing = [k for k, ok in needs.items() if not ok]
+  if choice == "auto":
+    return "add" if missing else "in_place"
+  if choice == "in_place" and missing:
+    raise ConfigError(f"config.accumulate_grads='in_place' needs {', '.join(missing)}; or set "
+                      f"--config.accumulate_grads=auto.")
+  return choice
 
 
 def _attention_kernel(config, model, mesh) -> str:
@@ -280,7 +309,8 @@ def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_
                   scan_layers: bool = False, remat: str = "none", mesh=None,
                   return_hidden: bool = False, unroll_scan: bool = False,
                   attention_kernel: str = "xla", quantize_in_layers: bool = False):
-  """(params, batch, bits) -> logits (or final hidden states), for objectives.loss_and_grads.
+  """(params, batch, bits, grad_acc=None) -> logits (or final hidden states), for
+  objectives.loss_and_grads; with grad_acc (objectives' in-place accumulation), (out, grad_acc).
 
   With a mesh, activations are pinned to the logical axes of sharding.DEFAULT_RULES. With
   `quantize_in_layers` each layer fake-quantizes its own kernels at the (traced) width inside
@@ -302,15 +332,19 @@ def make_apply_fn(model: model_config_lib.TransformerConfig, objective, compute_
                                        parent_bits=objective.parent_bits,
                                        extra_precision=objective.extra_precision)
 
-  def apply_fn(params, batch, bits):
+  def apply_fn(params, batch, bits, grad_acc=None):
     m = module
     if bits is not None:
       if scope_plan is not None:
         m = module.clone(plan=scope_plan, traced_bits=bits)
+      elif grad_acc is not None:
+        raise ValueError("grad_acc needs quantize_in_layers: quantizing the tree first would "
+                         "hide the params from the stack's gradient accumulation.")
       else:
         params = fake_quant_params(params, objective, bits)
     return m.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                   segment_ids=batch.get("segment_ids"), return_hidden=return_hidden)
+                   segment_ids=batch.get("segment_ids"), return_hidden=return_hidden,
+                   grad_acc=grad_acc)
   return apply_fn
 
 
@@ -354,7 +388,7 @@ def build_train_step(setup: Setup, tx: optax.GradientTransformation, schedule):
     loss, grads, metrics = objectives_lib.loss_and_grads(
         setup.objective, apply_fn, state.params, batch, head=head,
         chunk=setup.loss_chunk_size, grad_shardings=p_shard, unroll=setup.unroll_scans,
-        scan=setup.width_loop == "scan")
+        scan=setup.width_loop == "scan", in_place=setup.accumulate_grads == "in_place")
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -643,11 +677,14 @@ def _save_final(config, setup: Setup, state: TrainState, step: int, workdir: pat
   return out
 
 
-def aot_topology_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def aot_topology_report(config: ml_collections.ConfigDict, *,
+                        with_cost: bool = True) -> dict[str, Any]:
   """Compiles the train step for `config.aot_topology` (e.g. "v5e:8x8") and reports it.
 
   No TPU is needed, only libtpu (training/aot.py). Returns the report (aot.compile_report's
   fields plus the run's shape); a step that does not fit has fits=False, not an exception.
+  with_cost=False skips the unrolled compiles behind the cost fields (they then count loop
+  bodies once: cost_from "scanned"); memory figures are the same.
   """
   if not config.aot_only:
     raise ConfigError(f"config.aot_topology={config.aot_topology!r} compiles for a topology "
@@ -663,7 +700,7 @@ def aot_topology_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
                  setup.global_batch_size * setup.seq_len * passes / len(devices))
   return aot.compile_report(
       lambda: compile_step(setup, tx, schedule)[1], devices, model_flops,
-      cost_fn=lambda: _unrolled_cost(config, setup),
+      cost_fn=(lambda: _unrolled_cost(config, setup)) if with_cost else None,
       cost_label="unrolled" if not setup.scan_layers else "unrolled, depth-extrapolated",
       topology=config.aot_topology, mesh=dict(setup.mesh.shape), model=setup.model.name,
       objective=setup.objective.describe(), seq_len=setup.seq_len,

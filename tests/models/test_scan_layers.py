@@ -79,3 +79,37 @@ def test_scanned_stack_refuses_what_it_cannot_do():
     T.stack_layers(stacked, cfg)
   with pytest.raises(ValueError, match="not in the scanned layout"):
     T.unstack_layers(T.unstack_layers(stacked, cfg), cfg)
+
+
+def test_accumulating_stack_adds_the_layers_gradient_into_the_running_sum():
+  # grad_acc: the same output; the VJP w.r.t. the accumulator, seeded with the running sum,
+  # returns running sum + d(loss)/d(layers), without differentiating w.r.t. the params.
+  cfg = mc.get_config("tiny_gemma2")
+  stacked = T.stack_layers(T.init_params(cfg, jax.random.key(0)), cfg)
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+  model = T.Transformer(cfg, plan=PrecisionPlan.parse("ffn:int4"), scan_layers=True,
+                        remat="full")
+
+  @jax.jit
+  def run(p):
+    out, vjp = jax.vjp(lambda p: model.apply({"params": p}, tokens), p)
+    want = vjp(2 * out)[0]["layers"]
+    running = jax.tree_util.tree_map(lambda a: jnp.full_like(a, 0.5), p["layers"])
+    (out2, passed), vjp2 = jax.vjp(
+        lambda acc: model.apply({"params": p}, tokens, grad_acc=acc), running)
+    (got,) = vjp2((2 * out2, running))
+    return out, out2, passed, want, got
+
+  out, out2, passed, want, got = run(stacked)
+  np.testing.assert_array_equal(out2, out)
+  assert all(float(jnp.min(a)) == float(jnp.max(a)) == 0.5
+             for a in jax.tree_util.tree_leaves(passed))
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    assert float(jnp.max(jnp.abs(w))) > 0
+    np.testing.assert_allclose(g, w + 0.5, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="grad_acc needs remat='full'"):
+    T.Transformer(cfg, scan_layers=True, remat="dots").apply(
+        {"params": stacked}, tokens, grad_acc=stacked["layers"])
+  with pytest.raises(ValueError, match="grad_acc needs scan_layers=True"):
+    T.Transformer(cfg).apply({"params": T.unstack_layers(stacked, cfg)}, tokens,
+                             grad_acc=stacked["layers"])

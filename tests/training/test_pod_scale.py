@@ -70,6 +70,9 @@ def test_scanned_chunked_step_equals_per_layer_full_logits_step(codistill):
       c.objective.weights = (0.2, 0.2, 1.0)
     setup = trainer.resolve(c, devices=jax.devices()[:8])
     assert setup.fake_quant_at == ("layers" if scan else "tree")
+    # The scanned step adds each width's gradient into the running sum inside the backward
+    # pass of the layer stack; the reference computes each width's gradient and adds it.
+    assert setup.accumulate_grads == ("in_place" if scan else "add")
     tx, schedule = trainer.make_optimizer(c, setup)
     jitted, _, shardings, _ = trainer.compile_step(setup, tx, schedule)
     if not scan:
@@ -98,6 +101,9 @@ def test_scanned_chunked_step_equals_per_layer_full_logits_step(codistill):
     ({"remat": "full", "scan_layers": False}, "needs config.scan_layers=True"),
     ({"loss_chunk_size": -1}, "loss_chunk_size"),
     ({"fake_quant_at": "everywhere"}, "config.fake_quant_at='everywhere'"),
+    ({"accumulate_grads": "sometimes"}, "config.accumulate_grads='sometimes'"),
+    ({"accumulate_grads": "in_place", "scan_layers": True},
+     "needs config.remat='full'"),
 ])
 def test_pod_scale_options_are_validated(overrides, match):
   from matquant_jax.training.config import ConfigError
@@ -124,6 +130,24 @@ def test_fake_quant_at_auto_quantizes_in_layers_only_for_a_scan_over_widths():
   assert at(**{"objective.method": "single_precision"}) == "tree"   # one width
   assert at(fake_quant_at="tree") == "tree" and at(
       **{"objective.method": "single_precision", "fake_quant_at": "layers"}) == "layers"
+
+
+def test_accumulate_grads_auto_is_in_place_wherever_it_applies():
+  def acc(**overrides):
+    return trainer.resolve(tiny_config(**overrides),
+                           devices=jax.devices()[:8]).accumulate_grads
+  def pod(**overrides):
+    return acc(**{"scan_layers": True, "remat": "full", **overrides})
+  assert pod() == "in_place"                                # MatQuant [8, 4, 2], scanned
+  assert pod(accumulate_grads="add") == "add"
+  assert acc() == "add"                                     # per-layer params
+  assert pod(remat="dots") == "add"
+  assert pod(width_loop="unrolled") == "add"
+  assert pod(fake_quant_at="tree") == "add"
+  assert pod(**{"objective.method": "single_precision"}) == "add"   # one width
+  assert pod(**{"objective.codistill": "[8,4,2,8->2]"}) == "in_place"
+  assert pod(**{"objective.codistill": "[8,4,2,8->2]",
+                "objective.stop_teacher_grad": False}) == "add"
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
