@@ -104,16 +104,20 @@ def plan_row(model: str, objective: str, log, with_cost: bool = True) -> dict:
       best = rep
       dots = compile_one(make_config(model, objective, topology, fsdp, tensor, "dots"), log,
                          with_cost)
-      if _ok(dots) and (dots.get("cost_model_step_seconds") or 1e9) < (
-          rep.get("cost_model_step_seconds") or 1e9):
+      # Without cost figures, dots (less recompute) wins whenever it fits.
+      if _ok(dots) and (not with_cost or (dots.get("cost_model_step_seconds") or 1e9) < (
+          rep.get("cost_model_step_seconds") or 1e9)):
         best = dots
       return {"model": model, "objective": objective, "slice": topology, "chips": n,
               "mesh": best["mesh"], "remat": best["remat"],
               "gib_per_chip": _gib(best["peak_bytes_per_device"]),
               "headroom": round(1 - best["peak_bytes_per_device"] /
                                 best["hbm_bytes_per_device"], 3),
-              "cost_model_step_seconds": best["cost_model_step_seconds"],
-              "est_mfu": best["est_mfu"], "cost_from": best.get("cost_from"),
+              # Memory-only searches leave the cost fields out: a scanned program's counts
+              # cover one loop iteration, not the step.
+              "cost_model_step_seconds": best["cost_model_step_seconds"] if with_cost else None,
+              "est_mfu": best["est_mfu"] if with_cost else None,
+              "cost_from": best.get("cost_from") if with_cost else "none (--memory_only)",
               "params": n_params}
   return {"model": model, "objective": objective, "slice": None,
           "note": f"nothing up to {SLICES[-1][0]} fits with {HEADROOM:.0%} headroom"}
