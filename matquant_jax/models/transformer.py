@@ -328,16 +328,7 @@ class Transformer(nn.Module):
         raise ValueError("Transformer: pass explicit `positions` with a cache (the positions "
                          "of the new tokens in their sequences).")
       positions = positions_from_segments(segment_ids)
-    if cache is not None and self.scan_layers:
-      raise ValueError("Transformer(scan_layers=True) has no KV cache; decode with the "
-                       "per-layer layout (unstack_layers(params, config), scan_layers=False).")
-    if grad_acc is not None and (not self.scan_layers or self.is_initializing()):
-      raise ValueError("Transformer: grad_acc needs scan_layers=True and initialized params.")
-    if cache is not None:
-      missing = [f"layer_{i}" for i in range(cfg.num_layers) if f"layer_{i}" not in cache]
-      if missing:
-        raise ValueError(f"cache has no entry for {', '.join(missing)}; build it with "
-                         f"init_cache(config, batch, max_len).")
+    self._check_cache_and_acc(cache, grad_acc)
 
     embedder = layers.Embedder(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype,
                                name="embedder")
@@ -381,6 +372,19 @@ class Transformer(nn.Module):
       return logits
     return logits, new_cache
 
+
+  def _check_cache_and_acc(self, cache, grad_acc) -> None:
+    if cache is not None and self.scan_layers:
+      raise ValueError("Transformer(scan_layers=True) has no KV cache; decode with the "
+                       "per-layer layout (unstack_layers(params, config), scan_layers=False).")
+    if grad_acc is not None and (not self.scan_layers or self.is_initializing()):
+      raise ValueError("Transformer: grad_acc needs scan_layers=True and initialized params.")
+    if cache is not None:
+      n = self.config.num_layers
+      missing = [f"layer_{i}" for i in range(n) if f"layer_{i}" not in cache]
+      if missing:
+        raise ValueError(f"cache has no entry for {', '.join(missing)}; build it with "
+                         f"init_cache(config, batch, max_len).")
 
   def _lm_head(self, x):
     return nn.Dense(

@@ -506,6 +506,20 @@ def _accumulate_grad(loss_fn, apply_fn, params, batch, bits, acc):
   return (loss, aux), acc
 
 
+def _add_width_grad(loss_on, apply_fn, params, batch, bits, t_logits, grads, in_place,
+                    constrain):
+  """One width's ((loss, aux), running gradient sum with its gradient added, gradient w.r.t.
+  the teacher's output (None in place)); loss_on(p, out, t_logits) -> (loss, aux)."""
+  if in_place:
+    out, grads = _accumulate_grad(lambda p, o: loss_on(p, o, t_logits), apply_fn, params,
+                                  batch, bits, grads)
+    return out, constrain(grads), None
+  out, (g_p, g_t) = jax.value_and_grad(
+      lambda p, tl: loss_on(p, apply_fn(p, batch, bits), tl), argnums=(0, 1),
+      has_aux=True)(params, t_logits)
+  return out, constrain(jax.tree_util.tree_map(jnp.add, grads, g_p)), g_t
+
+
 def _scanned(objective, apply_fn, params, batch, mask, targets, losses=_Losses(),
              constrain=lambda t: t, unroll=False, in_place=False):
   bits = objective.bits
@@ -542,16 +556,8 @@ def _scanned(objective, apply_fn, params, batch, mask, targets, losses=_Losses()
         loss = loss + x["dist"] * d
       return x["lam"] * loss, (ce, d, logits)
 
-    if in_place:
-      (loss, (ce, d, logits)), grads = _accumulate_grad(
-          lambda p, out: loss_on(p, out, t_logits), apply_fn, params, batch, x["bits"], grads)
-      g_t = None
-      grads = constrain(grads)
-    else:
-      (loss, (ce, d, logits)), (g_p, g_t) = jax.value_and_grad(
-          lambda p, tl: loss_on(p, apply_fn(p, batch, x["bits"]), tl), argnums=(0, 1),
-          has_aux=True)(params, t_logits)
-      grads = constrain(jax.tree_util.tree_map(jnp.add, grads, g_p))
+    (loss, (ce, d, logits)), grads, g_t = _add_width_grad(
+        loss_on, apply_fn, params, batch, x["bits"], t_logits, grads, in_place, constrain)
     if t_logits is not None:
       if not objective.stop_teacher_grad:
         t_cot = t_cot + g_t
