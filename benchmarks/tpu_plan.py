@@ -129,8 +129,8 @@ def main() -> int:
   p.add_argument("--objectives", default="bf16,int2_baseline,matquant")
   p.add_argument("--log", default="", help="also append every try to this file")
   p.add_argument("--memory_only", action="store_true",
-                 help="search on memory alone: skip the unrolled cost compiles (the cost "
-                      "fields then count loop bodies once; cost_from says 'scanned')")
+                 help="search on memory alone: skip the unrolled cost compiles (the rows' "
+                      "cost fields are then null and dots is kept whenever it fits)")
   args = p.parse_args()
 
   def log(line):

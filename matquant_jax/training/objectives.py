@@ -389,7 +389,7 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
       return losses(p, apply_fn(p, batch, None), targets, mask)[0]
     loss, grads = jax.value_and_grad(bf16_loss)(params)
     return loss, constrain(grads), {"loss": loss, "ce_bf16": loss}
-  scanned = scan and len(objective.bits) > 1 and len(objective.teachers) <= 1
+  scanned = scans_widths(objective, scan)
   if in_place and not scanned:
     raise ValueError("in-place gradient accumulation runs inside the scan over widths: it "
                      "needs scan=True, several widths and at most one teacher.")
@@ -400,6 +400,12 @@ def loss_and_grads(objective: Objective, apply_fn: ApplyFn, params, batch: Mappi
     loss, grads, metrics = _unrolled(objective, apply_fn, params, batch, mask, targets, losses,
                                      constrain)
   return loss, constrain(grads), metrics
+
+
+def scans_widths(objective: Objective, scan: bool = True) -> bool:
+  """Whether loss_and_grads runs the widths as a lax.scan (else unrolled in Python): asked to
+  (`scan`), several widths, and at most one teacher."""
+  return scan and len(objective.bits) > 1 and len(objective.teachers) <= 1
 
 
 def teacher_needs_grad(objective: Objective) -> bool:

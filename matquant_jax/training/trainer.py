@@ -141,9 +141,8 @@ def _accumulate_grads(config, objective, fake_quant_at: str) -> str:
     raise ConfigError(f"config.accumulate_grads={choice!r}; choose one of {ACCUMULATE_GRADS} "
                       f"(how a step sums its widths' gradients).")
   needs = {
-      "config.width_loop='scan'": config.width_loop == "scan",
-      "several widths in objective.bits": len(objective.bits) > 1,
-      "at most one teacher": len(objective.teachers) <= 1,
+      "a scan over widths (config.width_loop='scan', several widths, at most one teacher)":
+          objectives_lib.scans_widths(objective, config.width_loop == "scan"),
       "objective.stop_teacher_grad=True": not objectives_lib.teacher_needs_grad(objective),
       "config.scan_layers=True": bool(config.scan_layers),
       "config.remat='full'": config.remat == "full",
