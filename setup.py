@@ -24,11 +24,12 @@ INSTALL_REQUIRES = [
     "numpy",
     "safetensors",
     "matplotlib",
-    "tensorboardX",
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.17"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.17",
+             # Its protobuf classes decode our TensorBoard event files in a test.
+             "tensorboardX==2.6.5"],
     # Always this torch pin: a bare `torch` pulls a multi-GB CUDA build.
     "parity": ["torch==2.13.0", "transformers==5.23.0"],
     # libtpu for the project's jax: run on TPU VMs, and compile for any TPU topology from a

@@ -10,6 +10,7 @@ from typing import Mapping
 import jax
 
 from matquant_jax.models.config import TransformerConfig
+from matquant_jax.training import tensorboard
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` substring (first match wins).
 PEAK_FLOPS = (
@@ -60,8 +61,7 @@ class MetricsLogger:
     if self.enabled:
       workdir = pathlib.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
-      from tensorboardX import SummaryWriter  # deferred: only the logging process needs it
-      self.writer = SummaryWriter(str(workdir / "tensorboard"))
+      self.writer = tensorboard.ScalarWriter(workdir / "tensorboard")
       self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
 
   def log(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -70,8 +70,7 @@ class MetricsLogger:
     now = time.time()
     if self.start_step is None:
       self.start_step, self.start = step, now
-    for k, v in metrics.items():
-      self.writer.add_scalar(f"train/{k}", v, step)
+    self.writer.add_scalars({f"train/{k}": v for k, v in metrics.items()}, step)
     self.writer.flush()
     self.jsonl.write(json.dumps({"step": step, "time": now, **metrics}) + "\n")
     self.jsonl.flush()
