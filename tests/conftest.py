@@ -17,14 +17,18 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
     + os.environ["MATQUANT_TEST_CPU_FLAGS"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache per test run, shared by both xdist workers and every
+# One persistent compilation cache per test run, shared by the xdist workers and every
 # subprocess a test starts (they inherit the environment): identical programs compile once. The
 # first process of a run (xdist's controller, or plain pytest) makes it and removes it at the end.
+# Every program is cached, however fast it compiled: most of the suite's compiles are small
+# programs that many tests rebuild from fresh closures (same HLO, new jit object), which only the
+# persistent cache recognises. Against a 0.2 s floor, paired runs of five test directories on
+# 2 cores took 8 % less CPU (230-261 vs 258-277 user s).
 _OWNS_CACHE = "MATQUANT_TEST_XLA_CACHE" not in os.environ
 if _OWNS_CACHE:
   os.environ["MATQUANT_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="matquant_jax_xla_cache_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["MATQUANT_TEST_XLA_CACHE"])
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # With libtpu installed (the [tpu] extra) the suite still runs on CPU; libtpu is only used to
 # compile for TPU topologies, without querying a GCE metadata server this host does not have.
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
