@@ -24,12 +24,13 @@ import numpy as np
 
 
 def clipping_factors(workdir: pathlib.Path, lwc_max: float) -> np.ndarray:
-  """Every learned γ and β of every calibrated block (lwc_max · σ(logit))."""
+  """Every learned γ and β of every calibrated block, as the quantizer applies them."""
+  from matquant_jax.quant import minmax
   logits = []
   for f in sorted(glob.glob(str(workdir / "calibration" / "layer_*.npz"))):
     with np.load(f) as z:
       logits += [z[k].ravel() for k in z.files if k.startswith("lwc/")]
-  return lwc_max / (1.0 + np.exp(-np.concatenate(logits)))
+  return np.asarray(minmax.lwc_factor(np.concatenate(logits), lwc_max))
 
 
 def run_one(pretrained: str, method: str, bits: int | None, steps: int, lwc_lr: float,
@@ -39,6 +40,7 @@ def run_one(pretrained: str, method: str, bits: int | None, steps: int, lwc_lr: 
   from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
   from matquant_jax.data.tokenizer import Tokenizer
   from matquant_jax.evaluation import sweep
+  from matquant_jax.quant.plan import PrecisionPlan
   c = demo._omniquant_config(init=f"run:{pretrained}", tokenizer=f"run:{pretrained}",
                              seq_len=128, steps=steps, method=method,
                              bits=None if bits is None else (bits,))
@@ -52,8 +54,8 @@ def run_one(pretrained: str, method: str, bits: int | None, steps: int, lwc_lr: 
   tok = Tokenizer.from_file(pathlib.Path(pretrained) / "tokenizer.model")
   options = sweep.EvalOptions(ppl_source="kjv", ppl_seq_len=128,
                               ppl_max_tokens=eval_tokens, tasks=(), batch_size=32)
-  plans = (["ffn:int8", "ffn:int4", "ffn:int2"] if bits is None else
-           ["ffn:int8" if bits == 8 else f"ffn:int{bits}:parent={bits}"])
+  plans = ([PrecisionPlan.uniform(r) for r in (8, 4, 2)] if bits is None else
+           [PrecisionPlan.uniform(bits, parent_bits=bits)])
   records = sweep.evaluate_checkpoint(MatQuantCheckpoint.load(workdir / "matquant_int8"), plans,
                                       tok, method=method, options=options)
   factors = clipping_factors(workdir, lwc_max)

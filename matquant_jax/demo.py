@@ -204,7 +204,7 @@ def _evaluate_stage(name: str, wd: pathlib.Path, s: Settings, options) -> dict:
   ckpt = MatQuantCheckpoint.load(wd / "matquant_int8")
   if name.startswith("baseline_int"):
     r = int(name[len("baseline_int"):])
-    records = sweep.evaluate_checkpoint(ckpt, [f"ffn:int{r}:parent={r}" if r < 8 else "ffn:int8"],
+    records = sweep.evaluate_checkpoint(ckpt, [PrecisionPlan.uniform(r, parent_bits=r)],
                                         tok, method="baseline", options=options)
     if r == 8:
       records += sweep.evaluate_checkpoint(ckpt, [f"ffn:int{b}" for b in s.matquant_slices
@@ -214,7 +214,7 @@ def _evaluate_stage(name: str, wd: pathlib.Path, s: Settings, options) -> dict:
   if name.startswith("omniquant_baseline_int"):
     r = int(name[len("omniquant_baseline_int"):])
     return {"records": sweep.evaluate_checkpoint(
-        ckpt, [f"ffn:int{r}:parent={r}" if r < 8 else "ffn:int8"], tok,
+        ckpt, [PrecisionPlan.uniform(r, parent_bits=r)], tok,
         method="omniquant_baseline", options=dataclasses.replace(options, tasks=()))}
   if name == "omniquant_matquant":
     return {"records": sweep.evaluate_checkpoint(ckpt, ["ffn:int8", "ffn:int4", "ffn:int2"], tok,

@@ -41,10 +41,11 @@ DEFAULT_TASKS = "arc_challenge,arc_easy,boolq,hellaswag,piqa,winogrande"
 
 
 def _plans_for(kind, ckpt, bits, mix):
+  from matquant_jax.quant.plan import PrecisionPlan
   scope = ckpt.scope.value
   if kind == "baseline":
-    own = [(f"{scope}:int{ckpt.parent_bits}" +
-            (f":parent={ckpt.parent_bits}" if ckpt.parent_bits != 8 else ""), "baseline")]
+    own = [(str(PrecisionPlan.uniform(ckpt.parent_bits, scope, parent_bits=ckpt.parent_bits)),
+            "baseline")]
     if ckpt.parent_bits == 8:
       own += [(f"{scope}:int{r}", "sliced_int8") for r in bits if r < 8]
     return own
