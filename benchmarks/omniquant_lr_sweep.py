@@ -80,11 +80,17 @@ def main() -> None:
   if not (pathlib.Path(args.pretrained) / "final_params").is_dir():
     raise SystemExit(f"{args.pretrained} has no final_params: run `python -m matquant_jax.demo "
                      f"--train_only` first, or pass --pretrained=<a demo pretrain run>.")
+  try:  # every pair checked before the first calibration starts
+    pairs = [tuple(float(v) for v in pair.split("/", 1)) for pair in args.lrs.split(",")]
+  except ValueError:
+    pairs = []
+  if not pairs or any(len(pr) != 2 or min(pr) <= 0 for pr in pairs):
+    raise SystemExit(f"--lrs={args.lrs!r}: give comma-separated LWC/LET pairs of positive "
+                     f"learning rates, e.g. --lrs=1e-3/1e-3,2e-2/1e-2.")
   root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="omniquant_lr_sweep_"))
   runs = [("matquant", None), ("baseline", 2)] + (
       [("baseline", 8), ("baseline", 4)] if args.with_int8_int4 else [])
-  for pair in args.lrs.split(","):
-    lwc_lr, let_lr = (float(v) for v in pair.split("/"))
+  for lwc_lr, let_lr in pairs:
     for method, bits in runs:
       print(json.dumps(run_one(args.pretrained, method, bits, args.steps, lwc_lr, let_lr,
                                args.lwc_max, args.eval_tokens, root)), flush=True)
