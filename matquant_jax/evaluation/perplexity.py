@@ -31,9 +31,10 @@ Protocol (the paper states none, spec §8/§11; these are our documented choices
 
 Execution: one jitted program per (config, plan, dtype) and batch shape, reused across batches
 and calls; every batch has the same [batch_size, seq_len] shape (the last one is padded with
-empty rows). On several devices the batch is sharded over all of them along its first axis
-when batch_size divides by the device count, and replicated otherwise; params that are not
-already laid out over those devices are replicated. Single-host only.
+empty rows). On several devices the batch is sharded over all of them along its first axis,
+padded with empty rows to a multiple of the device count when batch_size does not divide
+(`put_batch`); params that are not already laid out over those devices are replicated.
+Single-host only.
 """
 
 from __future__ import annotations
@@ -141,10 +142,23 @@ def batch_sharding(batch_size: int) -> jax.sharding.NamedSharding:
 
 
 def put_batch(arrays: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Places host arrays ([batch, ...] each) with `batch_sharding`."""
+  """Places host arrays ([batch, ...] each) sharded over all devices, padding the batch.
+
+  A batch the device count does not divide gets zero rows appended up to the next multiple
+  (zero is every evaluation's "not scored": loss_mask 0, segment 0), so each device computes
+  its share, not the whole batch: a batch of 4 on 8 devices, replicated, made every device run
+  all 4 rows. Per-row outputs then have the padded length; callers keep the first rows.
+  """
   n = next(iter(arrays.values())).shape[0]
-  sharding = batch_sharding(n)
-  return {k: jax.device_put(np.asarray(v), sharding) for k, v in arrays.items()}
+  padded = -(-n // data_mesh().size) * data_mesh().size
+  sharding = batch_sharding(padded)
+
+  def pad(v):
+    v = np.asarray(v)
+    return v if padded == n else np.concatenate([v, np.zeros((padded - n,) + v.shape[1:],
+                                                             v.dtype)])
+
+  return {k: jax.device_put(pad(v), sharding) for k, v in arrays.items()}
 
 
 def place_params(params: Params) -> Params:

@@ -121,7 +121,12 @@ def test_sharded_equals_replicated(tokenizer, params):
   assert perplexity.batch_sharding(3).spec == jax.sharding.PartitionSpec()
   sharded = perplexity.log_perplexity(CONFIG, params, tokenizer, DOCS, seq_len=SEQ,
                                       batch_size=BATCH)
-  # 3 rows do not divide over 8 devices: replicated, and several batches.
+  # 3 rows do not divide over 8 devices: each batch is padded with unscored zero rows to 8
+  # and sharded (not replicated: that made every device run all 3 rows), and several batches.
+  placed = perplexity.put_batch({"loss_mask": np.ones((3, SEQ), np.int32)})
+  assert placed["loss_mask"].shape == (8, SEQ)
+  assert placed["loss_mask"].sharding.spec == jax.sharding.PartitionSpec("data")
+  assert np.asarray(placed["loss_mask"]).sum(axis=1).tolist() == [SEQ] * 3 + [0] * 5
   replicated = perplexity.log_perplexity(CONFIG, params, tokenizer, DOCS, seq_len=SEQ,
                                          batch_size=3)
   assert replicated["tokens"] == sharded["tokens"] and replicated["rows"] == sharded["rows"]
