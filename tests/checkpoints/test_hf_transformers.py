@@ -10,26 +10,36 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from matquant_jax.checkpoints import _common
+from matquant_jax.checkpoints import load_gemma_flax_checkpoint
+from matquant_jax.checkpoints import load_hf_checkpoint
+from matquant_jax.checkpoints import load_mistral_consolidated
+from matquant_jax.checkpoints import save_gemma_flax_checkpoint
+from matquant_jax.checkpoints import save_hf_checkpoint
+from matquant_jax.checkpoints import save_mistral_consolidated
+from matquant_jax.models import hf_mapping
 
-from matquant_jax.checkpoints import _common  # noqa: E402
-from matquant_jax.checkpoints import load_gemma_flax_checkpoint  # noqa: E402
-from matquant_jax.checkpoints import load_hf_checkpoint  # noqa: E402
-from matquant_jax.checkpoints import load_mistral_consolidated  # noqa: E402
-from matquant_jax.checkpoints import save_gemma_flax_checkpoint  # noqa: E402
-from matquant_jax.checkpoints import save_hf_checkpoint  # noqa: E402
-from matquant_jax.checkpoints import save_mistral_consolidated  # noqa: E402
-from matquant_jax.models import hf_mapping  # noqa: E402
+torch = transformers = None  # set by _hf: collecting this file stays cheap
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _hf():
+  # torch and transformers take seconds to import; every xdist worker collects this file, only
+  # the one that runs it needs them.
+  global torch, transformers
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+
 
 FAMILIES = ["tiny_gemma2", "tiny_mistral", "tiny_llama"]
 HF_CLASS = {"gemma2": "Gemma2ForCausalLM", "mistral": "MistralForCausalLM",
             "llama": "LlamaForCausalLM"}
 
 
-def _from_pretrained(path, dtype=torch.float32):
+def _from_pretrained(path, dtype=None):
   model, info = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path), dtype=dtype, attn_implementation="eager", output_loading_info=True)
+      str(path), dtype=dtype or torch.float32, attn_implementation="eager",
+      output_loading_info=True)
   return model.eval(), info
 
 

@@ -10,20 +10,29 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import jax.numpy as jnp
 
-import jax.numpy as jnp  # noqa: E402
+from matquant_jax.models import AttentionPattern
+from matquant_jax.models import Transformer
+from matquant_jax.models import config_from_hf_config
+from matquant_jax.models import get_config
+from matquant_jax.models import hf_config_from_config
+from matquant_jax.models import hf_mapping
+from matquant_jax.models import hf_state_dict_from_params
+from matquant_jax.models import layers
+from matquant_jax.models import params_from_hf_state_dict
 
-from matquant_jax.models import AttentionPattern  # noqa: E402
-from matquant_jax.models import Transformer  # noqa: E402
-from matquant_jax.models import config_from_hf_config  # noqa: E402
-from matquant_jax.models import get_config  # noqa: E402
-from matquant_jax.models import hf_config_from_config  # noqa: E402
-from matquant_jax.models import hf_mapping  # noqa: E402
-from matquant_jax.models import hf_state_dict_from_params  # noqa: E402
-from matquant_jax.models import layers  # noqa: E402
-from matquant_jax.models import params_from_hf_state_dict  # noqa: E402
+torch = transformers = None  # set by _hf: collecting this file stays cheap
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _hf():
+  # torch and transformers take seconds to import; every xdist worker collects this file, only
+  # the one that runs it needs them.
+  global torch, transformers
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+
 
 SEQ = 24
 TOL = 1e-4
