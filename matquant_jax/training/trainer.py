@@ -479,8 +479,14 @@ def initial_params(config, setup: Setup, shardings, rng):
     # Every reader yields the per-layer layout: load it sharded, then stack on the devices.
     per_layer = initial_params(config, dataclasses.replace(setup, scan_layers=False),
                                param_shardings(setup, scan_layers=False)[0], rng)
-    return jax.jit(lambda p: transformer_lib.stack_layers(p, model),
-                   out_shardings=shardings, donate_argnums=0)(per_layer)
+    # Only the layers change layout. The other entries keep their buffers (through a jitted
+    # identity they would be copied); donating the per-layer buffers, which cannot become the
+    # stacked outputs, freed nothing and made jax warn on every run.
+    layers = {k: per_layer.pop(k) for k in list(per_layer) if k.startswith("layer_")}
+    out = {k: jax.device_put(v, shardings[k]) for k, v in per_layer.items()}
+    out["layers"] = jax.jit(lambda p: transformer_lib.stack_layers(p, model)["layers"],
+                            out_shardings=shardings["layers"])(layers)
+    return out
   from matquant_jax.checkpoints import weight_source
   try:
     return weight_source.load(spec, model, shardings=shardings)[1]

@@ -171,3 +171,29 @@ def test_quantizing_in_layers_equals_quantizing_the_tree(scan_layers):
   np.testing.assert_array_equal(both[0], both[1])
   # The widths differ from each other (the width really is traced through the layers).
   assert not np.allclose(both[1][0], both[1][2])
+
+
+def test_a_checkpoint_is_stacked_into_the_scanned_layout_on_its_shardings(tmp_path):
+  import warnings
+  from matquant_jax.checkpoints import save_hf_checkpoint
+  from matquant_jax.checkpoints import weight_source
+  from matquant_jax.models import get_config
+  from matquant_jax.models import init_params
+  from matquant_jax.models import transformer
+  model = get_config("tiny_gemma2")
+  params = init_params(model, jax.random.key(1))
+  save_hf_checkpoint(tmp_path / "ckpt", model, params)
+  c = tiny_config(**{"init": f"hf:{tmp_path / 'ckpt'}", "mesh.data": 2, "mesh.fsdp": 4})
+  setup = trainer.resolve(c, devices=jax.devices()[:8])
+  assert setup.scan_layers
+  shardings = trainer.param_shardings(setup)[0]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # e.g. jax's "donated buffers were not usable"
+    got = trainer.initial_params(c, setup, shardings, jax.random.key(0))
+  # The per-layer tree every reader yields, stacked on the host.
+  want = transformer.stack_layers(weight_source.load(c.init, setup.model)[1], setup.model)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for (path, g), w, s in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                             jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(shardings)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=jax.tree_util.keystr(path))
+    assert g.sharding == s, jax.tree_util.keystr(path)
