@@ -11,10 +11,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -96,11 +93,17 @@ def own_ckpt(tmp_path_factory):
   return root, root / "my_llama", config, params
 
 
-def _cli(module, *args, cwd=REPO, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  env["XLA_FLAGS"] = os.environ["MATQUANT_TEST_CPU_FLAGS"]  # one device, fast compiles
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+def _cli(module, *args):
+  """The command's main(argv) in this process (what `python -m module` runs after absl's
+  setup): its exit code and what it printed. A subprocess per command only re-imported jax."""
+  import contextlib
+  import importlib
+  import io
+  import types
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = importlib.import_module(module).main(list(args))
+  return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.mark.parametrize("layout", ["5", "4"])
@@ -172,10 +175,11 @@ def test_sample_errors_come_before_the_model_loads(own_ckpt, tmp_path, monkeypat
 def test_train_evaluate_sample_export_through_the_clis(own_ckpt):
   root, src, config, _ = own_ckpt
   work = root / "run"
-  r = _cli("matquant_jax.train", "--config=configs/tiny_qat.py", f"--workdir={work}",
+  r = _cli("matquant_jax.train", f"--config={REPO / 'configs' / 'tiny_qat.py'}",
+           f"--workdir={work}",
            "--config.model=auto", f"--config.init=hf:{src}", "--config.tokenizer=auto",
            "--config.num_steps=3", "--config.data.seq_len=32",
-           "--config.data.global_batch_size=4", "--config.mesh.fsdp=1",
+           "--config.data.global_batch_size=8", "--config.mesh.fsdp=1",
            "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
            "--config.optimizer.warmup_steps=1")
   assert r.returncode == 0, r.stderr[-3000:]
