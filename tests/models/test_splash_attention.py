@@ -90,8 +90,10 @@ def test_attention_kernel_option_resolves_and_refuses_by_name():
 @needs_libtpu
 def test_on_a_v5e_topology_auto_picks_splash_and_the_cost_counts_its_calls(monkeypatch):
   devices = aot.topology_devices("v5e:2x2")
+  # Small shapes: libtpu's compile time grows with them (21 -> 14 CPU-s for this test).
+  c = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4, "data.seq_len": 128,
+                     "data.global_batch_size": 4})
   # tiny_gemma2's head_dim (32) is not a multiple of 128: auto falls back, splash refuses.
-  c = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4, "data.seq_len": 256})
   assert trainer.resolve(c, devices=devices).attention_kernel == "xla"
   c.attention_kernel = "splash"
   with pytest.raises(ConfigError, match="head_dim 32 is not a multiple of 128"):

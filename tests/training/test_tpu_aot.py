@@ -45,9 +45,12 @@ def test_train_cli_compiles_for_a_v5e_topology_and_prints_the_report_last(tmp_pa
       [sys.executable, "-m", "matquant_jax.train", "--config=configs/tiny_qat.py",
        f"--workdir={tmp_path}", "--config.aot_only=True", "--config.aot_topology=v5e:2x2",
        "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.remat=full",
-       # One pass keeps the three compiles (step + two cost programs) short; MatQuant's
-       # three-width step goes through XLA's TPU pipeline below (to its out-of-memory verdict).
-       "--config.objective.method=bf16"],
+       # One pass and small shapes keep the three compiles (step + two cost programs) short
+       # (libtpu's compile time grows with the shapes: 38 -> 25 CPU-s for the command);
+       # MatQuant's three-width step goes through XLA's TPU pipeline below (to its
+       # out-of-memory verdict).
+       "--config.objective.method=bf16", "--config.data.seq_len=32",
+       "--config.data.global_batch_size=4"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads(r.stdout.strip().splitlines()[-1])
