@@ -103,3 +103,36 @@ def test_codes_out_of_range():
     slicing.slice_codes(np.array([16], np.int32), 2, parent_bits=4)
   with pytest.raises(ValueError, match="codes out of range"):
     slicing.slice_codes(np.array([-1], np.int32), 2)
+
+
+@pytest.mark.parametrize("r", [2, 3, 4])
+def test_a_dedicated_r_bit_minmax_grid_can_express_the_int8_models_r_bit_slice(r):
+  """Why a converged OmniQuant int-r baseline cannot lose to MatQuant's int-r slice (the
+  README's OmniQuant note, issue 15): keep β and pick γ' so that α_r = 2^(8−r)·α_8; then plain
+  r-bit MinMax has exactly the slice's levels and puts every weight on the same level, except
+  weights within half an int8 step below one of the 2^r − 1 rounding boundaries (the slice
+  rounds twice). The baseline's clipping can reach the slice's grid; the slice has no grid the
+  baseline cannot have."""
+  from matquant_jax.quant import minmax
+  rng = np.random.default_rng(r)
+  w = jnp.asarray(rng.standard_t(4, (512, 64)), jnp.float32)  # heavy tails, per column stats
+  gamma = jnp.asarray(rng.uniform(0.6, 1.0, (1, 64)), jnp.float32)
+  beta = jnp.asarray(rng.uniform(0.6, 1.0, (1, 64)), jnp.float32)
+  a8, z8 = minmax.minmax_params(w, 8, 0, gamma=gamma, beta=beta)
+  sliced = minmax.dequantize(slicing.slice_codes(minmax.quantize(w, a8, z8, 8), r), a8, z8)
+  # The slice's top level is (2^r − 1)·2^(8−r) of 255 int8 steps above the bottom one.
+  top = (2**r - 1) * 2 ** (8 - r) / 255.0
+  w_max, w_min = jnp.max(w, 0, keepdims=True), jnp.min(w, 0, keepdims=True)
+  gamma_r = (top * (gamma * w_max - beta * w_min) + beta * w_min) / w_max
+  assert bool(jnp.all((gamma_r > 0) & (gamma_r < 1)))  # inside the sigmoid's range
+  ar, zr = minmax.minmax_params(w, r, 0, gamma=gamma_r, beta=beta)
+  np.testing.assert_allclose(ar, a8 * 2 ** (8 - r), rtol=1e-5)
+  dedicated = minmax.dequantize(minmax.quantize(w, ar, zr, r), ar, zr)
+  same = np.isclose(np.asarray(dedicated), np.asarray(sliced), rtol=0,
+                    atol=1e-4 * float(a8.max()))
+  x = np.asarray(w / a8 + z8)  # the int8 grid coordinate
+  boundaries = (np.arange(1, 2**r) - 0.5) * 2 ** (8 - r)
+  band = np.any([(x >= b - 0.5) & (x < b) for b in boundaries], axis=0)
+  assert np.all(same | band), np.argwhere(~(same | band))[:5]
+  if r == 2:
+    assert (~same).mean() < 0.01
