@@ -483,9 +483,11 @@ def initial_params(config, setup: Setup, shardings, rng):
     # identity they would be copied); donating the per-layer buffers, which cannot become the
     # stacked outputs, freed nothing and made jax warn on every run.
     layers = {k: per_layer.pop(k) for k in list(per_layer) if k.startswith("layer_")}
-    out = {k: jax.device_put(v, shardings[k]) for k, v in per_layer.items()}
+    shardings = shardings or {}
+    out = {k: jax.device_put(v, shardings[k]) if k in shardings else v
+           for k, v in per_layer.items()}
     out["layers"] = jax.jit(lambda p: transformer_lib.stack_layers(p, model)["layers"],
-                            out_shardings=shardings["layers"])(layers)
+                            out_shardings=shardings.get("layers"))(layers)
     return out
   from matquant_jax.checkpoints import weight_source
   try:
