@@ -150,7 +150,8 @@ def put_batch(arrays: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
   all 4 rows. Per-row outputs then have the padded length; callers keep the first rows.
   """
   n = next(iter(arrays.values())).shape[0]
-  padded = -(-n // data_mesh().size) * data_mesh().size
+  devices = data_mesh().size
+  padded = -(-n // devices) * devices
   sharding = batch_sharding(padded)
 
   def pad(v):

@@ -19,16 +19,10 @@ from matquant_jax.checkpoints import save_hf_checkpoint
 from matquant_jax.checkpoints import save_mistral_consolidated
 from matquant_jax.models import hf_mapping
 
-torch = transformers = None  # set by _hf: collecting this file stays cheap
+from tests.optional_import import LazyModule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _hf():
-  # torch and transformers take seconds to import; every xdist worker collects this file, only
-  # the one that runs it needs them.
-  global torch, transformers
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+torch = LazyModule("torch")
+transformers = LazyModule("transformers")
 
 
 FAMILIES = ["tiny_gemma2", "tiny_mistral", "tiny_llama"]

@@ -22,16 +22,10 @@ from matquant_jax.models import hf_state_dict_from_params
 from matquant_jax.models import layers
 from matquant_jax.models import params_from_hf_state_dict
 
-torch = transformers = None  # set by _hf: collecting this file stays cheap
+from tests.optional_import import LazyModule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _hf():
-  # torch and transformers take seconds to import; every xdist worker collects this file, only
-  # the one that runs it needs them.
-  global torch, transformers
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+torch = LazyModule("torch")
+transformers = LazyModule("transformers")
 
 
 SEQ = 24
