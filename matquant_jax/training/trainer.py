@@ -21,7 +21,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -527,15 +527,25 @@ def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
           for k, v in batch.items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Runs (or resumes) the experiment in `workdir`; returns a summary dict."""
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the experiment in `workdir`; returns a summary dict.
+
+  `devices`: the devices the mesh spans (default: every device of every process). A subset,
+  e.g. `jax.devices()[:1]`, trains one model per device group in one process; a multi-process
+  run needs them all.
+  """
   import orbax.checkpoint as ocp
   from matquant_jax.data import lm
 
   if config.aot_topology:
     return aot_topology_report(config)
   workdir = pathlib.Path(workdir).absolute()
-  setup = resolve(config)
+  if devices is not None and jax.process_count() > 1 and set(devices) != set(jax.devices()):
+    raise ConfigError(f"a {jax.process_count()}-process run trains on every device of every "
+                      f"process: leave `devices` unset (got {len(devices)} of "
+                      f"{jax.device_count()}).")
+  setup = resolve(config, devices=devices)
   if not config.aot_only:
     check_inputs(config, setup.model)  # before any file is written
   dcfg = data_config(config)
@@ -554,7 +564,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if config.aot_only:
     # XLA compiles for the devices this process sees: a TPU topology can only be targeted from
     # a machine with libtpu, so on a pod this mode runs on the workers (launch/tpu_pod.sh aot).
-    log.text(f"aot_only: compiled for the local {jax.device_count()} {jax.default_backend()} "
+    log.text(f"aot_only: compiled for the local {setup.mesh.size} {jax.default_backend()} "
              f"device(s), mesh {dict(setup.mesh.shape)}; memory per device: " +
              ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in mem.items()))
     log.close()
@@ -585,7 +595,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 def _write_run_files(config, setup: Setup, workdir: pathlib.Path, log) -> None:
   log.text(f"matquant_jax train: {setup.model.name} | {setup.objective.describe()} | "
            f"{setup.num_steps} steps of {setup.global_batch_size}×{setup.seq_len} tokens | "
-           f"mesh {dict(setup.mesh.shape)} | {jax.device_count()} {jax.default_backend()} devices")
+           f"mesh {dict(setup.mesh.shape)} | {setup.mesh.size} {jax.default_backend()} devices")
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     # The architecture itself, so run:<workdir> works whatever config.model said ('auto').
@@ -642,7 +652,7 @@ def _train_loop(config, setup: Setup, jitted, state: TrainState, data_iter, mngr
       host["step_time_s"] = dt / window_steps
       host["tokens_per_s"] = setup.global_batch_size * setup.seq_len * window_steps / dt
       if peak:
-        host["mfu"] = flops_per_step * window_steps / dt / (peak * jax.device_count())
+        host["mfu"] = flops_per_step * window_steps / dt / (peak * setup.mesh.size)
       log.log(step, host)
       last_metrics = host
       window_start, window_steps = time.time(), 0

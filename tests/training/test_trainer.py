@@ -132,9 +132,14 @@ def _read_metrics(workdir):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """One 30-step MatQuant run shared by the tests that read its metrics and its export."""
+  """One 30-step MatQuant run shared by the tests that read its metrics and its export.
+
+  On one of the 8 host devices: 8 CPU devices on 2 cores run a tiny step at half the speed
+  (sharded training is checked by test_sharded_step_equals_single_device and the multi-host
+  tests); the export is then restored on 8 devices in a fresh process."""
   workdir = tmp_path_factory.mktemp("trained")
-  return workdir, trainer.train(tiny_config(num_steps=30, log_every_steps=5), workdir)
+  return workdir, trainer.train(tiny_config(num_steps=30, log_every_steps=5), workdir,
+                                devices=jax.devices()[:1])
 
 
 def test_tiny_training_learns_and_exports(trained):
@@ -165,7 +170,8 @@ def test_nan_stops_training_naming_the_step(tmp_path, monkeypatch):
 
   monkeypatch.setattr(trainer, "build_train_step", poisoned)
   with pytest.raises(FloatingPointError, match="diverged at step 3"):
-    trainer.train(tiny_config(num_steps=8, checkpoint_every_steps=100), tmp_path)
+    trainer.train(tiny_config(num_steps=8, checkpoint_every_steps=100), tmp_path,
+                  devices=jax.devices()[:1])
   assert not (tmp_path / "final_params").exists()
 
 
