@@ -53,9 +53,11 @@ def tiny_config(**overrides):
   return c
 
 
-def tiny_setup(**overrides) -> calibration.CalibSetup:
-  """A resolved setup for the 2-layer test model (resolve() only knows the presets)."""
-  setup = calibration.resolve(tiny_config(**overrides), devices=jax.devices()[:8])
+def tiny_setup(*, num_devices: int = 1, **overrides) -> calibration.CalibSetup:
+  """A resolved setup for the 2-layer test model (resolve() only knows the presets), on the
+  first `num_devices` host devices: one unless a test is about the mesh (8 CPU devices on 2
+  cores run a tiny block step slower than one)."""
+  setup = calibration.resolve(tiny_config(**overrides), devices=jax.devices()[:num_devices])
   return dataclasses.replace(setup, model=tiny_model())
 
 

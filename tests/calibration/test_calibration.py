@@ -349,8 +349,9 @@ def test_data_parallel_and_microbatched_steps_match_one_device(uninterrupted, ti
   for label, overrides in (("4 devices", {}), ("1 device", {"mesh.data": 1}),
                            ("2 devices x 2 micro", {"mesh.data": 2,
                                                     "calibration.num_microbatches": 2})):
-    setup = tiny.tiny_setup(**overrides)
+    setup = tiny.tiny_setup(num_devices=8, **overrides)
     assert setup.objective == base.objective
+    assert dict(setup.mesh.shape)["data"] == int(label[0])
     fns = block_lib.block_functions(setup.model, 0, setup.objective, setup.step, setup.mesh)
     bp, acts, y, _ = _first_batch(setup, tiny, fns)
     batch = acts.device_batch(fns, np.arange(2, 6), y)
@@ -361,7 +362,6 @@ def test_data_parallel_and_microbatched_steps_match_one_device(uninterrupted, ti
       ones = np.ones(len(setup.objective.bits), np.float32)
       calib, opt_state, m = fns.train_step(calib, opt_state, bp, batch, ones)
     runs[label] = (float(m["loss"]), jax.tree_util.tree_map(np.asarray, calib))
-  assert dict(base.mesh.shape)["data"] == 4
   ref_loss, ref = runs["1 device"]
   for label, (loss, calib) in runs.items():
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=label)
