@@ -1,7 +1,7 @@
-"""Multi-host training on one machine: 2 processes × 4 CPU devices (gloo collectives).
+"""Multi-host training on one machine: 2 processes × 2 CPU devices (gloo collectives).
 
 Every run uses 2 logical data shards (config.data.num_shards=2), so the single-process
-8-device run and the 2-process run see identical global batches and must end with the same
+4-device run and the 2-process run see identical global batches and must end with the same
 parameters; a 2-process run killed with SIGKILL mid-run and restarted resumes to the same
 final parameters as an uninterrupted one.
 """
@@ -53,7 +53,7 @@ def _start_pod(workdir, *extra):
   return [subprocess.Popen(
       _cmd(workdir, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
            f"--process_id={i}", *extra),
-      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
 
 
@@ -97,7 +97,7 @@ def _export(workdir):
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   # The single-process reference and the uninterrupted pod run, side by side.
-  single = subprocess.Popen(_cmd(root / "single"), cwd=REPO, env=_env(8),
+  single = subprocess.Popen(_cmd(root / "single"), cwd=REPO, env=_env(4),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   pod = _start_pod(root / "pod")
   _wait([single] + pod)
