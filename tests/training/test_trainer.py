@@ -291,3 +291,10 @@ def test_width_loop_reaches_the_objective(monkeypatch):
     jax.eval_shape(trainer.build_train_step(setup, tx, schedule), state,
                    trainer.abstract_batch(setup))
   assert seen == [True, False]
+
+
+def test_a_multi_process_run_refuses_a_device_subset(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(trainer.ConfigError, match="every device of every process"):
+    trainer.train(tiny_config(), tmp_path / "run", devices=jax.devices()[:1])
+  assert not (tmp_path / "run").exists()
