@@ -10,8 +10,9 @@ score) it:
      MatQuant QAT run (R = {8, 4, 2}), and OmniQuant calibrations (block-wise LWC + LET,
      weights frozen): OmniQuant-MatQuant and the OmniQuant baselines at int8, int4 and int2,
      all starting from the pretrained model;
-  3. exports each as an int8-format checkpoint and evaluates it as soon as it is trained (two
-     stages at a time, in worker processes): the pretrained model and plain MinMax of it at
+  3. exports each as an int8-format checkpoint and evaluates it as soon as it is trained (on
+     CPU two stages at a time, in worker processes; on an accelerator one at a time, in this
+     process, which holds its devices): the pretrained model and plain MinMax of it at
      every width (no training, Fig. 1b), every baseline at its own width, the int8
      baseline sliced to 6/4/3/2 ("Sliced int8"), MatQuant sliced to 8/6/4/3/2 (6 and 3 were
      never trained: "interpolation"), the four Mix'n'Match strategies of MatQuant, and the
@@ -275,6 +276,21 @@ def _share_compilations(cache_dir: pathlib.Path) -> None:
                     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
+def _stage_workers(requested: int) -> int:
+  """How many stages run at once: `requested` on CPU. On an accelerator one, in this process:
+  a TPU opens in one process only (a worker would fall back to the CPU), and every GPU process
+  reserves most of the memory for itself."""
+  if requested <= 1:
+    return 1
+  import jax
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return requested
+  print(f"[demo] --jobs={requested}: on {backend} the stages run one at a time in this process "
+        f"(worker processes cannot share its devices)", flush=True)
+  return 1
+
+
 def _run_stages(jobs: list[tuple], workers: int) -> list[dict]:
   """Every stage job, `workers` at a time (tiny models leave a core idle during a step).
 
@@ -358,12 +374,13 @@ def run(args) -> dict:
   jobs = [(n, configs[n], str(work / n), s, options) for n in order]
   if options is not None:
     jobs.append(("pretrain", None, str(pre), s, options))
+  workers = _stage_workers(args.jobs)
   _banner(f"2/3 QAT from the pretrained model (MatQuant R = {{8, 4, 2}}, baselines at "
           f"int{', int'.join(map(str, BASELINE_BITS))}), OmniQuant (MatQuant, baselines at "
           f"int{', int'.join(map(str, OMNIQUANT_BASELINE_BITS))})"
           + ("" if options is None else " and evaluation on the held-out KJV chapters")
-          + f", {args.jobs} at a time")
-  results = _run_stages(jobs, args.jobs)
+          + f", {workers} at a time")
+  results = _run_stages(jobs, workers)
   trained.update({r["name"]: r["trained"] for r in results if r["name"] != "pretrain"})
   summary = {"trained": sorted(k for k, v in trained.items() if v),
              "reused": sorted(k for k, v in trained.items() if not v),
@@ -450,7 +467,8 @@ flags.DEFINE_integer("batch", 16, "Training batch size.", **_F)
 flags.DEFINE_integer("eval_tokens", 16_000, "Held-out tokens of the log-perplexity rows.", **_F)
 flags.DEFINE_integer("task_examples", 150, "Examples of the KJV verse-completion task.", **_F)
 flags.DEFINE_list("lambdas", ["0.1", "0.1", "1.0"], "MatQuant λ for (int8, int4, int2).", **_F)
-flags.DEFINE_integer("jobs", 2, "QAT runs trained at the same time.", **_F)
+flags.DEFINE_integer("jobs", 2, "Stages trained at the same time, in worker processes (on CPU; "
+                     "on an accelerator they run one at a time).", **_F)
 flags.DEFINE_integer("omniquant_steps", 100, "OmniQuant calibration steps per block.", **_F)
 flags.DEFINE_integer("search_tokens", 8192, "Calibration tokens (training split) of the "
                      "Mix'n'Match search.", **_F)

@@ -62,3 +62,12 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch, capsys):
                                            "omniquant_baseline")
   for png in ("code_histograms.png", "quality_vs_bits.png", "mixnmatch_front.png"):
     assert (tmp_path / "out" / png).stat().st_size > 10_000
+
+
+def test_on_an_accelerator_the_stages_run_one_at_a_time_in_process(monkeypatch, capsys):
+  import jax
+  assert demo._stage_workers(2) == 2  # the suite's CPU devices: worker processes
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert demo._stage_workers(1) == 1 and capsys.readouterr().out == ""
+  assert demo._stage_workers(2) == 1
+  assert "--jobs=2: on tpu the stages run one at a time" in capsys.readouterr().out
