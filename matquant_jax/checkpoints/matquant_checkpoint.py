@@ -27,7 +27,7 @@ import hashlib
 import json
 import pathlib
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -147,9 +147,8 @@ def export_matquant_checkpoint(
       "float_dtype": jnp.dtype(float_dtype).name,
       "quantized": {n: list(_reduce_axes(n)) for n in sorted(qpaths)},
       "metadata": dict(metadata or {}),
-      # Per-array digests of the bytes written, verified on load. A multi-process export
-      # cannot see every shard from one process and writes none (load then warns).
-      "checksums": (array_checksums(tree) if jax.process_count() == 1 else None),
+      # Per-array digests of the bytes written, verified on load (array_checksums).
+      "checksums": _gathered_checksums(path, tree, primary),
   }
   if primary:
     (path / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -202,9 +201,93 @@ def _host_digest(arr: np.ndarray) -> str:
   return h.hexdigest()
 
 
-def array_checksums(tree: Mapping[str, Any]) -> dict[str, str]:
-  """{'quantized/<path>/codes': digest, ..., 'float/<path>': digest} of an arrays tree."""
-  return {k: _digest(v) for k, v in sorted(_common.flatten_tree(tree).items())}
+def array_checksums(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """{'quantized/<path>/codes': digest, ..., 'float/<path>': digest} of an arrays tree.
+
+  An array this process does not hold whole (a pod's sharded array) gets the list of its
+  shards' [region, digest] pairs instead (shard_digests): this process's part of the list,
+  which merge_checksums joins with the other processes' parts.
+  """
+  return {k: _digest(v) if getattr(v, "is_fully_addressable", True) else shard_digests(v)
+          for k, v in sorted(_common.flatten_tree(tree).items())}
+
+
+def shard_digests(x: jax.Array) -> list[list]:
+  """[[region, digest], ...] for the shards of `x` this process holds (one copy of each:
+  replica 0); region is [[start, stop], ...] per dimension, digest as `_host_digest` of the
+  region's contents, so a reader holding the whole array checks each region by slicing."""
+  out = []
+  for shard in x.addressable_shards:
+    if shard.replica_id == 0:
+      region = [[0 if i.start is None else int(i.start), n if i.stop is None else int(i.stop)]
+                for i, n in zip(shard.index, x.shape)]
+      out.append([region, _host_digest(np.ascontiguousarray(np.asarray(shard.data)))])
+  return out
+
+
+def merge_checksums(parts: Sequence[Mapping[str, Any]],
+                    shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+  """Joins the processes' array_checksums: each array's shard regions, sorted; an array whose
+  one region is the whole array gets its plain digest (what one process would have written).
+  Raises ValueError if the regions do not tile an array exactly once."""
+  merged = {}
+  for name, shape in sorted(shapes.items()):
+    whole = [[0, n] for n in shape]
+    entries = {}
+    for part in parts:
+      value = part[name]
+      for region, digest in ([[whole, value]] if isinstance(value, str) else value):
+        entries[json.dumps(region)] = digest  # a replicated array: every process sends it
+    regions = sorted((json.loads(r), d) for r, d in entries.items())
+    covered = sum(int(np.prod([b - a for a, b in r])) for r, _ in regions)
+    if covered != int(np.prod(shape)):
+      raise ValueError(f"checksums of {name!r}: the shards' regions cover {covered} of "
+                       f"{int(np.prod(shape))} elements.")
+    merged[name] = (regions[0][1] if len(regions) == 1 and regions[0][0] == whole
+                    else [[r, d] for r, d in regions])
+  return merged
+
+
+def _gathered_checksums(path: pathlib.Path, tree, primary: bool) -> dict[str, Any] | None:
+  """The export's checksums: this process's own, or on a pod every process's shard digests,
+  passed through files next to the checkpoint (its directory is shared: Orbax writes there)
+  and merged by process 0 (None on the others, which do not write metadata.json)."""
+  own = array_checksums(tree)
+  if jax.process_count() == 1:
+    return own
+  (path / f"checksums.{jax.process_index()}.json").write_text(json.dumps(own))
+  _sync_processes(f"matquant_jax export {path}: checksums written")
+  if not primary:
+    return None
+  files = sorted(path.glob("checksums.*.json"))
+  parts = [json.loads(f.read_text()) for f in files]
+  shapes = {k: tuple(v.shape) for k, v in _common.flatten_tree(tree).items()}
+  for f in files:
+    f.unlink()
+  return merge_checksums(parts, shapes)
+
+
+def _is_checksum(value) -> bool:
+  """A digest, or a non-empty list of [region, digest] with region [[start, stop], ...]."""
+  if isinstance(value, str):
+    return True
+  return isinstance(value, list) and bool(value) and all(
+      isinstance(e, list) and len(e) == 2 and isinstance(e[1], str) and isinstance(e[0], list)
+      and all(isinstance(d, list) and len(d) == 2 and all(
+          isinstance(i, int) and not isinstance(i, bool) for i in d) for d in e[0])
+      for e in value)
+
+
+def _checksum_matches(x: np.ndarray, expected) -> bool:
+  if isinstance(expected, str):
+    return _host_digest(x) == expected
+  for region, digest in expected:
+    if len(region) != x.ndim:
+      return False
+    part = x[tuple(slice(a, b) for a, b in region)]
+    if _host_digest(np.ascontiguousarray(part)) != digest:
+      return False
+  return True
 
 
 def _schema_error(path, field, value, rule) -> CheckpointError:
@@ -240,9 +323,10 @@ def _validate_metadata(path: pathlib.Path, meta: Any) -> None:
                           "does not match the kernel's contracting axes")
   checksums = meta.get("checksums")
   if checksums is not None and (not isinstance(checksums, dict) or not all(
-      isinstance(k, str) and isinstance(v, str) for k, v in checksums.items())):
+      isinstance(k, str) and _is_checksum(v) for k, v in checksums.items())):
     raise _schema_error(path, "checksums", type(checksums).__name__,
-                        "is not a mapping of array names to digests")
+                        "is not a mapping of array names to digests (or to [region, digest] "
+                        "lists)")
   if not isinstance(meta.get("metadata", {}), dict):
     raise _schema_error(path, "metadata", type(meta["metadata"]).__name__, "is not an object")
   try:
@@ -468,8 +552,8 @@ def _verify_arrays(path: pathlib.Path, meta: Mapping[str, Any], restored) -> Non
   flat = _common.flatten_tree(restored)
   sums = meta.get("checksums")
   if sums is None:
-    warnings.warn(f"{path} has no array checksums (written by an older matquant_jax, or by a "
-                  f"multi-process export): its arrays cannot be verified against corruption.",
+    warnings.warn(f"{path} has no array checksums (written by an older matquant_jax): its "
+                  f"arrays cannot be verified against corruption; re-export it to add them.",
                   stacklevel=3)
   elif set(sums) != set(flat):
     raise CheckpointError(f"{path}: metadata checksums list {sorted(set(sums) ^ set(flat))[:5]} "
@@ -480,7 +564,7 @@ def _verify_arrays(path: pathlib.Path, meta: Mapping[str, Any], restored) -> Non
     # no XLA program per array shape); a pod's sharded array, on the devices.
     if getattr(x, "is_fully_addressable", True):
       x = np.ascontiguousarray(np.asarray(jax.device_get(x)))
-      if sums is not None and _host_digest(x) != sums[name]:
+      if sums is not None and not _checksum_matches(x, sums[name]):
         raise CheckpointError(f"{path}: array {name!r} does not match its checksum: the file "
                               f"is corrupted (a changed or truncated byte). Re-export or "
                               f"re-copy the checkpoint.")

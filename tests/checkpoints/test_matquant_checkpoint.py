@@ -74,6 +74,7 @@ def test_round_trip_verifies_checksums(exported):
     (dict(round_zero=_DROP), "lacks 'round_zero'"),
     (dict(quantized={"layer_0/mlp/linear/w": [1]}), "contracting axes"),
     (dict(model_config={"name": "x"}), "model_config is invalid"),
+    (dict(checksums={"float/final_norm/scale": [[[[0, "64"]], "00"]]}), "region, digest"),
 ])
 def test_metadata_is_checked(exported, tmp_path, changes, match):
   path = _copy(exported, tmp_path)
@@ -183,3 +184,36 @@ def test_extra_precision_checkpoint_refuses_clamped_plans_unless_asked(tmp_path)
   ckpt.params_for(PrecisionPlan.parse("ffn:int8"))      # the parent width is not sliced
   ckpt.params_for(PrecisionPlan.parse("ffn:int2"), allow_clamped=True)
   loader.load_serving(path, "ffn:int2", allow_clamped=True)
+
+
+def test_shard_checksums_verify_every_region_and_catch_a_changed_code(exported, tmp_path):
+  """A pod's export records [region, digest] per shard (no process holds a whole sharded
+  array); the parts merge into one sorted list, and a reader holding the array checks each
+  region."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from matquant_jax.checkpoints import matquant_checkpoint as mq
+  path = _copy(exported, tmp_path)
+  name = "quantized/layer_1/mlp/linear/w/codes"
+  meta = json.loads((path / "metadata.json").read_text())
+  codes = np.asarray(_common.flatten_tree(
+      ocp.StandardCheckpointer().restore((path / "arrays").absolute()))[name])
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+  digests = mq.shard_digests(jax.device_put(codes, NamedSharding(mesh, P("a"))))
+  assert len(digests) == 4  # one copy of each of the 4 row blocks (replicas skipped)
+  shapes = {name: codes.shape}
+  merged = mq.merge_checksums([{name: digests[:1]}, {name: digests[1:]}], shapes)[name]
+  assert merged == sorted(digests)
+  with pytest.raises(ValueError, match="cover"):
+    mq.merge_checksums([{name: digests[1:]}], shapes)
+  # A replicated array's one region is the whole array: its plain digest, as one process writes.
+  whole = mq.shard_digests(jax.device_put(codes, NamedSharding(mesh, P())))
+  assert mq.merge_checksums([{name: whole}, {name: whole}], shapes)[name] == meta["checksums"][name]
+  _edit_meta(path, checksums=dict(meta["checksums"], **{name: merged}))
+  MatQuantCheckpoint.load(path)
+
+  def nudge(flat):
+    flat[name] = flat[name].copy()
+    flat[name][-1, -1] ^= 1  # in the last region
+  _rewrite_arrays(path, nudge)
+  with pytest.raises(CheckpointError, match=f"{name!r} does not match its checksum"):
+    MatQuantCheckpoint.load(path)

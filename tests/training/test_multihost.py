@@ -85,8 +85,12 @@ def _params(workdir):
 
 
 def _export(workdir):
+  import warnings
   from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
-  ckpt = MatQuantCheckpoint.load(pathlib.Path(workdir) / "matquant_int8")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ckpt = MatQuantCheckpoint.load(pathlib.Path(workdir) / "matquant_int8")  # checksums verified
+  assert not [w for w in caught if "checksums" in str(w.message)], caught
   out = {f"{k}/{f}": np.asarray(getattr(q, f)) for k, q in ckpt.qtensors.items()
          for f in ("codes", "scale", "zero")}
   out.update({k: np.asarray(v) for k, v in ckpt.floats.items()})
@@ -119,8 +123,15 @@ def test_two_processes_match_one_process(runs):
     else:
       np.testing.assert_allclose(np.asarray(b[k], np.float32), np.asarray(a[k], np.float32),
                                  rtol=1e-2, atol=1e-6, err_msg=k)
-  # Both processes checkpointed: the merged data state holds both logical shards.
+  # The pod's export has a checksum for every array: per-shard digests where the arrays are
+  # sharded across devices of the pod, merged by process 0 (no part files left behind).
   import json
+  sums = [json.loads((runs / w / "matquant_int8" / "metadata.json").read_text())["checksums"]
+          for w in ("single", "pod")]
+  assert sums[0] and sorted(sums[0]) == sorted(sums[1])
+  assert any(isinstance(v, list) for v in sums[1].values())
+  assert not list((runs / "pod" / "matquant_int8").glob("checksums.*.json"))
+  # Both processes checkpointed: the merged data state holds both logical shards.
   step_dirs = sorted((runs / "pod" / "checkpoints").glob("[0-9]*"))
   data = json.loads((step_dirs[-1] / "data" / "metadata").read_text())
   assert sorted(data) == ["0", "1"]
