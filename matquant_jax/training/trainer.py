@@ -532,8 +532,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   """Runs (or resumes) the experiment in `workdir`; returns a summary dict.
 
   `devices`: the devices the mesh spans (default: every device of every process). A subset,
-  e.g. `jax.devices()[:1]`, trains one model per device group in one process; a multi-process
-  run needs them all.
+  e.g. `jax.devices()[:1]`, leaves the others to other work in the same process (a tiny model
+  also steps faster on one device than split over many); a multi-process run needs them all.
   """
   import orbax.checkpoint as ocp
   from matquant_jax.data import lm
