@@ -208,6 +208,9 @@ def test_shard_checksums_verify_every_region_and_catch_a_changed_code(exported, 
   # A replicated array's one region is the whole array: its plain digest, as one process writes.
   whole = mq.shard_digests(jax.device_put(codes, NamedSharding(mesh, P())))
   assert mq.merge_checksums([{name: whole}, {name: whole}], shapes)[name] == meta["checksums"][name]
+  _edit_meta(path, checksums=dict(meta["checksums"], **{name: merged[1:]}))
+  with pytest.raises(CheckpointError, match="does not match its checksum"):
+    MatQuantCheckpoint.load(path)  # a region list must cover the array
   _edit_meta(path, checksums=dict(meta["checksums"], **{name: merged}))
   MatQuantCheckpoint.load(path)
 
