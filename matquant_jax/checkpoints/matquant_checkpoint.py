@@ -221,8 +221,13 @@ def shard_digests(x: jax.Array) -> list[list]:
     if shard.replica_id == 0:
       region = [[0 if i.start is None else int(i.start), n if i.stop is None else int(i.stop)]
                 for i, n in zip(shard.index, x.shape)]
-      out.append([region, _host_digest(np.ascontiguousarray(np.asarray(shard.data)))])
+      out.append([region, _digest(shard.data)])
   return out
+
+
+def _region_elements(regions) -> int:
+  """Elements in a list of [[start, stop], ...] regions (their sum: they must not overlap)."""
+  return sum(int(np.prod([b - a for a, b in region])) for region in regions)
 
 
 def merge_checksums(parts: Sequence[Mapping[str, Any]],
@@ -239,7 +244,7 @@ def merge_checksums(parts: Sequence[Mapping[str, Any]],
       for region, digest in ([[whole, value]] if isinstance(value, str) else value):
         entries[json.dumps(region)] = digest  # a replicated array: every process sends it
     regions = sorted((json.loads(r), d) for r, d in entries.items())
-    covered = sum(int(np.prod([b - a for a, b in r])) for r, _ in regions)
+    covered = _region_elements(r for r, _ in regions)
     if covered != int(np.prod(shape)):
       raise ValueError(f"checksums of {name!r}: the shards' regions cover {covered} of "
                        f"{int(np.prod(shape))} elements.")
@@ -281,7 +286,7 @@ def _is_checksum(value) -> bool:
 def _checksum_matches(x: np.ndarray, expected) -> bool:
   if isinstance(expected, str):
     return _host_digest(x) == expected
-  if sum(int(np.prod([b - a for a, b in region])) for region, _ in expected) != x.size:
+  if _region_elements(region for region, _ in expected) != x.size:
     return False  # the regions must cover the array (merge_checksums wrote them so)
   for region, digest in expected:
     if len(region) != x.ndim:
