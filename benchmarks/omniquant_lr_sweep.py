@@ -34,7 +34,8 @@ def clipping_factors(workdir: pathlib.Path, lwc_max: float) -> np.ndarray:
 
 
 def run_one(pretrained: str, method: str, bits: int | None, steps: int, lwc_lr: float,
-            let_lr: float, lwc_max: float, eval_tokens: int, root: pathlib.Path) -> dict:
+            let_lr: float, lwc_max: float, eval_tokens: int, root: pathlib.Path,
+            round_zero: bool = False) -> dict:
   from matquant_jax import demo
   from matquant_jax.calibration import pipeline
   from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
@@ -47,7 +48,9 @@ def run_one(pretrained: str, method: str, bits: int | None, steps: int, lwc_lr: 
   c.calibration.lr = c.calibration.lwc_lr = lwc_lr
   c.calibration.let_lr = let_lr
   c.calibration.lwc_max = lwc_max
-  name = f"{method}{bits or ''}_lwc{lwc_lr:g}_let{let_lr:g}_max{lwc_max:g}"
+  c.calibration.round_zero = round_zero
+  name = (f"{method}{bits or ''}_lwc{lwc_lr:g}_let{let_lr:g}_max{lwc_max:g}"
+          + ("_roundz" if round_zero else ""))
   workdir = root / name
   t0 = time.time()
   pipeline.run(c, str(workdir))
@@ -60,7 +63,7 @@ def run_one(pretrained: str, method: str, bits: int | None, steps: int, lwc_lr: 
                                       tok, method=method, options=options)
   factors = clipping_factors(workdir, lwc_max)
   return {"method": method, "bits": bits, "lwc_lr": lwc_lr, "let_lr": let_lr,
-          "lwc_max": lwc_max, "steps_per_block": c.calibration.steps_per_block,
+          "lwc_max": lwc_max, "round_zero": round_zero, "steps_per_block": c.calibration.steps_per_block,
           "log_pplx": {r["plan"]: round(r["log_pplx"], 4) for r in records},
           "clipping_median": round(float(np.median(factors)), 3),
           "seconds": round(time.time() - t0, 1)}
@@ -73,6 +76,8 @@ def main() -> None:
                  help="comma-separated LWC/LET learning-rate pairs")
   p.add_argument("--steps", type=int, default=100, help="steps per block (int2 baseline: 2x)")
   p.add_argument("--lwc_max", type=float, default=1.0)
+  p.add_argument("--round_zero", action="store_true",
+                 help="OmniQuant's rounded zero point (integer z) for every run")
   p.add_argument("--eval_tokens", type=int, default=16_000, help="as the demo's table")
   p.add_argument("--with_int8_int4", action="store_true", help="also the int8/int4 baselines")
   p.add_argument("--workdir", default=None, help="where calibrations go (default: a temp dir)")
@@ -93,7 +98,8 @@ def main() -> None:
   for lwc_lr, let_lr in pairs:
     for method, bits in runs:
       print(json.dumps(run_one(args.pretrained, method, bits, args.steps, lwc_lr, let_lr,
-                               args.lwc_max, args.eval_tokens, root)), flush=True)
+                               args.lwc_max, args.eval_tokens, root, args.round_zero)),
+            flush=True)
 
 
 if __name__ == "__main__":
