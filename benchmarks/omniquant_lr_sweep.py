@@ -2,6 +2,8 @@
 
     python -m matquant_jax.demo --train_only          # once: runs/demo/pretrain
     python benchmarks/omniquant_lr_sweep.py --lrs=1e-3/1e-3,1e-2/5e-3,2e-2/1e-2
+    python benchmarks/omniquant_lr_sweep.py --lrs=1e-3/1e-3 --steps=1221   # the paper's budget
+    python benchmarks/omniquant_lr_sweep.py --lrs=2e-2/1e-2 --codistill='[8,4,2,8->2]'
 
 For each "LWC/LET" learning-rate pair it calibrates the demo's pretrained model with the demo's
 OmniQuant settings (quantized inputs, LET with the shift, 100 steps per block; the int2 baseline
@@ -34,8 +36,10 @@ def clipping_factors(workdir: pathlib.Path, lwc_max: float) -> np.ndarray:
 
 
 def run_one(pretrained: str, method: str, bits: int | None, steps: int, lwc_lr: float,
-            let_lr: float, lwc_max: float, eval_tokens: int, root: pathlib.Path,
-            round_zero: bool = False) -> dict:
+            let_lr: float, lwc_max: float, eval_tokens: int, root: pathlib.Path, *,
+            round_zero: bool = False, codistill: str | None = None,
+            single_precision: bool = False) -> dict:
+  """One calibration and its scores. codistill and single_precision apply to MatQuant only."""
   from matquant_jax import demo
   from matquant_jax.calibration import pipeline
   from matquant_jax.checkpoints.matquant_checkpoint import MatQuantCheckpoint
@@ -49,8 +53,16 @@ def run_one(pretrained: str, method: str, bits: int | None, steps: int, lwc_lr: 
   c.calibration.let_lr = let_lr
   c.calibration.lwc_max = lwc_max
   c.calibration.round_zero = round_zero
-  name = (f"{method}{bits or ''}_lwc{lwc_lr:g}_let{let_lr:g}_max{lwc_max:g}"
-          + ("_roundz" if round_zero else ""))
+  variant = {"round_zero": round_zero}
+  if method == "matquant":
+    if codistill:
+      c.objective.codistill = variant["codistill"] = codistill
+    if single_precision:  # R = {2} of the same int8 parameterization (spec §5.1)
+      c.objective.method = "single_precision"
+      variant["single_precision"] = True
+  tag = "".join(f"_{k}={v}" for k, v in variant.items() if v)
+  name = f"{method}{bits or ''}_lwc{lwc_lr:g}_let{let_lr:g}_max{lwc_max:g}{tag}"
+  name = "".join(ch if ch.isalnum() or ch in "._=-" else "_" for ch in name)
   workdir = root / name
   t0 = time.time()
   pipeline.run(c, str(workdir))
@@ -63,7 +75,7 @@ def run_one(pretrained: str, method: str, bits: int | None, steps: int, lwc_lr: 
                                       tok, method=method, options=options)
   factors = clipping_factors(workdir, lwc_max)
   return {"method": method, "bits": bits, "lwc_lr": lwc_lr, "let_lr": let_lr,
-          "lwc_max": lwc_max, "round_zero": round_zero, "steps_per_block": c.calibration.steps_per_block,
+          "lwc_max": lwc_max, **variant, "steps_per_block": c.calibration.steps_per_block,
           "log_pplx": {r["plan"]: round(r["log_pplx"], 4) for r in records},
           "clipping_median": round(float(np.median(factors)), 3),
           "seconds": round(time.time() - t0, 1)}
@@ -78,6 +90,10 @@ def main() -> None:
   p.add_argument("--lwc_max", type=float, default=1.0)
   p.add_argument("--round_zero", action="store_true",
                  help="OmniQuant's rounded zero point (integer z) for every run")
+  p.add_argument("--codistill", default=None,
+                 help="MatQuant's co-distillation variant, e.g. '[8,4,2,8->2]' (spec §4)")
+  p.add_argument("--single_precision", action="store_true",
+                 help="MatQuant trains its int2 slice only, R = {2} (spec §5.1)")
   p.add_argument("--eval_tokens", type=int, default=16_000, help="as the demo's table")
   p.add_argument("--with_int8_int4", action="store_true", help="also the int8/int4 baselines")
   p.add_argument("--workdir", default=None, help="where calibrations go (default: a temp dir)")
@@ -98,7 +114,9 @@ def main() -> None:
   for lwc_lr, let_lr in pairs:
     for method, bits in runs:
       print(json.dumps(run_one(args.pretrained, method, bits, args.steps, lwc_lr, let_lr,
-                               args.lwc_max, args.eval_tokens, root, args.round_zero)),
+                               args.lwc_max, args.eval_tokens, root,
+                               round_zero=args.round_zero, codistill=args.codistill,
+                               single_precision=args.single_precision)),
             flush=True)
 
 
