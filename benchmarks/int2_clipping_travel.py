@@ -34,17 +34,15 @@ BUDGETS = {"paper": (1e-3, 1221, 2442), "paper, equal steps": (1e-3, 1221, 1221)
 
 def demo_kernels(pretrained: pathlib.Path) -> dict[str, np.ndarray]:
   """The demo model's FFN kernels as [inputs, outputs] matrices (one MinMax row per column)."""
-  import jax
-  import orbax.checkpoint as ocp
-  tree = ocp.StandardCheckpointer().restore(str((pretrained / "final_params").absolute()))
+  from matquant_jax.checkpoints import weight_source
+  _, params = weight_source.load(f"run:{pretrained}")
   gate_up, down = [], []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    w = np.asarray(leaf, np.float32)
-    if name.endswith("mlp/gating_einsum/w"):   # (2, D, F): reduce over D
-      gate_up += [w[0], w[1]]
-    elif name.endswith("mlp/linear/w"):        # (F, D): reduce over F
-      down.append(w)
+  for name, layer in sorted(params.items()):
+    mlp = layer.get("mlp", {}) if name.startswith("layer_") else {}
+    if "gating_einsum" in mlp:                 # (2, D, F): reduce over D
+      gate_up += list(mlp["gating_einsum"]["w"])
+    if "linear" in mlp:                        # (F, D): reduce over F
+      down.append(mlp["linear"]["w"])
   if not gate_up or not down:
     raise SystemExit(f"{pretrained}/final_params holds no Gemma-2 FFN kernels "
                      f"(mlp/gating_einsum, mlp/linear): pass a demo pretraining run.")
