@@ -108,6 +108,14 @@ def main() -> None:
   if not pairs or any(len(pr) != 2 or min(pr) <= 0 for pr in pairs):
     raise SystemExit(f"--lrs={args.lrs!r}: give comma-separated LWC/LET pairs of positive "
                      f"learning rates, e.g. --lrs=1e-3/1e-3,2e-2/1e-2.")
+  if args.codistill or args.single_precision:  # the MatQuant objective, before any calibration
+    from matquant_jax.calibration.config import make_calib_objective
+    try:
+      make_calib_objective("single_precision" if args.single_precision else "matquant",
+                           codistill=args.codistill or "")
+    except ValueError as e:
+      raise SystemExit(f"--codistill={args.codistill!r} --single_precision="
+                       f"{args.single_precision}: {e}") from None
   root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="omniquant_lr_sweep_"))
   runs = [("matquant", None), ("baseline", 2)] + (
       [("baseline", 8), ("baseline", 4)] if args.with_int8_int4 else [])
